@@ -1,0 +1,44 @@
+# make run: set up and start the gateway with its defaults. make test: set up and run every test.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3.11
+DEB_PACKAGES := sip-tester baresip-core espeak-ng libespeak-ng1 sox tshark
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test perf lint clean debs
+
+install: debs $(STAMP)
+
+debs:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "wireshark-common wireshark-common/install-setuid boolean false" | $$SUDO debconf-set-selections; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11+)"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/gateway run
+
+test: install
+	$(VENV)/bin/ruff check gateway tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+perf: install
+	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/perf
+
+lint: install
+	$(VENV)/bin/ruff check gateway tests
+	$(VENV)/bin/mypy gateway
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,1 @@
+"""Call applications, one per DID route: what a caller gets once admitted."""

@@ -1,0 +1,308 @@
+"""A call: one SIP dialog plus one RTP session, with a linear API for applications.
+
+    await call.answer()
+    call.media.handler = lambda frame: frame      # echo
+    await call.ended.wait()
+
+Every state change is recorded in the CDR and logged with the call's voice_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import log
+from .media.session import RtpSession
+from .sip.dialog import Dialog
+from .sip.message import Request, Response, make_response
+from .sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from .sip.transaction import ServerInviteTransaction, ServerTransaction, Target, new_tag
+
+if TYPE_CHECKING:
+    from .ua import UserAgent
+
+logger = logging.getLogger("gateway.call")
+
+
+class CallEnded(Exception):
+    """The call is over (hang-up, cancel, failure); raised into the application's flow."""
+
+
+@dataclass
+class SessionTimer:
+    interval: int
+    refresher: str  # "uac" (the caller refreshes) or "uas" (we do)
+
+
+class Call:
+    def __init__(self, ua: UserAgent, invite: Request, txn: ServerInviteTransaction, source: Target, **info: Any) -> None:
+        self.ua = ua
+        self.voice_id = str(uuid.uuid4())
+        self.invite = invite
+        self.invite_txn: ServerInviteTransaction | None = txn
+        self.source = source
+        self.info = info  # from, to, did, trunk, project
+        self.local_tag = new_tag()
+        self.dialog: Dialog | None = None
+        self.media: RtpSession | None = None
+        self.state = "initiated"
+        self.ended = asyncio.Event()
+        self.answered = asyncio.Event()
+        self.confirmed = asyncio.Event()  # ACK received
+        self.session_timer: SessionTimer | None = None
+        self._refresh_handle: asyncio.TimerHandle | None = None
+        self._sdp_version = 1
+        self._sdp_session = int(uuid.UUID(self.voice_id).int % 10**9)
+        self._awaiting_ack_answer = False
+        self.end_reason = ""
+        self.task: asyncio.Task[None] | None = None
+        self.pending_key = 0
+
+    # -- recording
+    def record(self, state: str, level: int = logging.INFO, **data: Any) -> None:
+        self.state = state
+        self.ua.cdr.event(self.voice_id, state, **data)
+        log.event(logger, f"call.{state}", level, voice_id=self.voice_id, **data)
+
+    # -- the application API
+    async def ring(self) -> None:
+        self._check_alive()
+        if self.invite_txn is not None and self.invite_txn.state == "proceeding":
+            self.ua.respond(self.invite_txn, self._response(180))
+            self.record("ringing")
+
+    async def answer(self) -> None:
+        """Send 200 OK with our SDP (answer to the caller's offer, or our offer) and wait for the ACK."""
+        self._check_alive()
+        txn = self.invite_txn
+        assert txn is not None and self.media is not None
+        response = self._response(200)
+        response.headers.add("Contact", self.ua.contact(self.source.transport))
+        response.headers.add("Allow", self.ua.allow)
+        response.headers.add("Supported", "timer")
+        self._add_session_timer(response)
+        response.headers.add("Content-Type", "application/sdp")
+        response.body = self.local_sdp()
+        self._awaiting_ack_answer = not self.invite.body
+        self.dialog = Dialog.as_uas(self.invite, self.local_tag, self.ua.contact(self.source.transport), self.source.transport)
+        self.ua.register_dialog(self)
+        self.ua.respond(txn, response)
+        self.invite_txn = None
+        self.answered.set()
+        self.record("answered", codec=self.media.params.codec, rtp_port=self.media.port,
+                    remote_rtp=f"{self.media.params.remote_host}:{self.media.params.remote_port}")
+        self._arm_session_timer()
+        try:
+            await asyncio.wait_for(self._wait_either(self.confirmed), 64 * 0.5)
+        except TimeoutError:
+            pass  # AckTimedOut ends the call through the transaction layer
+        self._check_alive()
+
+    async def _wait_either(self, event: asyncio.Event) -> None:
+        ended = asyncio.ensure_future(self.ended.wait())
+        other = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({ended, other}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            other.cancel()
+
+    def _check_alive(self) -> None:
+        if self.ended.is_set():
+            raise CallEnded(self.end_reason)
+
+    def reject(self, status: int, reason: str = "", **cdr: Any) -> None:
+        """Final non-2xx answer to the INVITE; ends the call."""
+        if self.invite_txn is not None and self.invite_txn.state == "proceeding":
+            self.ua.respond(self.invite_txn, self._response(status, reason))
+            self.invite_txn = None
+        self._end(cdr.pop("why", reason or "rejected"), status, **cdr)
+
+    def hangup(self, reason: str = "gateway_hangup", **cdr: Any) -> None:
+        """BYE an answered call (or 480 one still ringing)."""
+        if self.ended.is_set():
+            return
+        if self.dialog is None:
+            self.reject(480, "Temporarily Unavailable", why=reason, **cdr)
+            return
+        bye = self.dialog.create_request("BYE")
+        bye.headers.add("Reason", f'Q.850;cause=16;text="{reason}"')
+        self.ua.send_in_dialog(self, bye)
+        self._end(reason, None, by="gateway", **cdr)
+
+    def _end(self, reason: str, code: int | None, **data: Any) -> None:
+        if self.ended.is_set():
+            return
+        self.end_reason = reason
+        if self._refresh_handle:
+            self._refresh_handle.cancel()
+        if self.media is not None:
+            data.setdefault("rtp_sent", self.media.sent)
+            data.setdefault("rtp_received", self.media.received)
+            data.setdefault("rtp_lost", self.media.jitter.stats.lost)
+            self.media.close()
+        self.record("disconnected", reason=reason, code=code, **data)
+        self.ended.set()
+        self.ua.forget(self)
+
+    # -- SDP
+    def negotiate_offer(self, body: bytes) -> MediaParams:
+        offer = SessionDescription.parse(body)
+        return negotiate(offer, tuple(self.ua.config.rtp.codecs))
+
+    def local_sdp(self) -> bytes:
+        assert self.media is not None
+        p = self.media.params
+        if self.invite.body or self._answered_once:
+            codecs = [(p.codec, p.payload_type)]
+            dtmf = p.dtmf_pt
+        else:  # we make the offer (INVITE without SDP, or a refresh)
+            codecs = [(c, 0 if c == "PCMU" else 8) for c in self.ua.config.rtp.codecs]
+            dtmf = self.ua.config.rtp.telephone_event_pt
+        body = build_sdp(self.ua.media_host, self.media.port, codecs, dtmf, p.direction,
+                         self._sdp_session, self._sdp_version)
+        return body
+
+    _answered_once = False
+
+    def _response(self, status: int, reason: str = "") -> Response:
+        r = make_response(self.invite, status, reason, self.local_tag)
+        r.headers.add("Server", self.ua.config.sip.user_agent)
+        return r
+
+    # -- in-dialog requests
+    def handle_request(self, request: Request, txn: ServerTransaction | None) -> None:
+        method = request.method
+        if method == "ACK":
+            self._on_ack(request)
+            return
+        assert txn is not None and self.dialog is not None
+        if not self.dialog.accept_remote_cseq(request.cseq[0]):
+            self.ua.respond(txn, make_response(request, 500, "CSeq out of order", self.local_tag))
+            return
+        if method == "BYE":
+            self.ua.respond(txn, make_response(request, 200, "", self.local_tag))
+            reason = request.headers.get("reason")
+            self._end("remote_bye", 200, by="caller", **({"sip_reason": reason} if reason else {}))
+        elif method in ("INVITE", "UPDATE"):
+            self._on_modify(request, txn)
+        elif method in ("INFO", "OPTIONS"):
+            response = make_response(request, 200, "", self.local_tag)
+            if method == "OPTIONS":
+                response.headers.add("Allow", self.ua.allow)
+            self.ua.respond(txn, response)
+            if method == "INFO":
+                self.ua.on_info(self, request)
+        else:
+            response = make_response(request, 501, "", self.local_tag)
+            response.headers.add("Allow", self.ua.allow)
+            self.ua.respond(txn, response)
+
+    def _on_ack(self, request: Request) -> None:
+        if self._awaiting_ack_answer and request.body:
+            self._awaiting_ack_answer = False
+            try:
+                params = SessionDescription.parse(request.body)
+                media = negotiate(params, tuple(self.ua.config.rtp.codecs))
+            except SdpError as exc:
+                self.record("media_failed", logging.WARNING, error=str(exc))
+                self.hangup("bad_sdp_in_ack")
+                return
+            assert self.media is not None
+            self.media.update(media)
+            self.record("media_updated", codec=media.codec, direction=media.direction)
+        self._answered_once = True
+        self.confirmed.set()
+
+    def _on_modify(self, request: Request, txn: ServerTransaction) -> None:
+        """re-INVITE or UPDATE: new SDP (hold, resume, new address) and/or a session refresh."""
+        assert self.media is not None
+        response = make_response(request, 200, "", self.local_tag)
+        response.headers.add("Contact", self.ua.contact(self.source.transport))
+        response.headers.add("Allow", self.ua.allow)
+        if request.body:
+            if request.content_type != "application/sdp":
+                self.ua.respond(txn, make_response(request, 415, "", self.local_tag))
+                return
+            try:
+                params = self.negotiate_offer(request.body)
+            except SdpError as exc:
+                bad = make_response(request, 488, "", self.local_tag)
+                bad.headers.add("Warning", f'304 gateway "{exc}"')
+                self.ua.respond(txn, bad)
+                return
+            self.media.update(params)
+            self._sdp_version += 1
+            self.record("media_updated", codec=params.codec, direction=params.direction, method=request.method)
+        elif request.method == "INVITE":
+            self._awaiting_ack_answer = True  # offer in our 200, answer in the ACK
+        if request.method == "INVITE" or request.body:
+            response.headers.add("Content-Type", "application/sdp")
+            response.body = self.local_sdp()
+        self._answered_once = True
+        if "session-expires" in request.headers:
+            self._negotiate_session_timer(request)
+        if self.session_timer:
+            self._add_session_timer(response)
+            self._arm_session_timer()
+        self.ua.respond(txn, response)
+
+    # -- session timers (RFC 4028)
+    def _negotiate_session_timer(self, request: Request) -> None:
+        se = request.headers.get("session-expires")
+        supported = "timer" in [s.lower() for s in request.headers.get_all("supported")]
+        cfg = self.ua.config.sip
+        if se:
+            value, _, params = se.partition(";")
+            interval = max(int(value.strip()), cfg.min_se) if value.strip().isdigit() else cfg.session_expires
+            refresher = "uas" if "refresher=uas" in params.replace(" ", "").lower() else "uac"
+            if not supported and "refresher=" not in params.lower():
+                refresher = "uas"
+            self.session_timer = SessionTimer(interval, refresher)
+        elif supported and self.session_timer is None:
+            self.session_timer = SessionTimer(cfg.session_expires, "uac")
+
+    def _add_session_timer(self, response: Response) -> None:
+        st = self.session_timer
+        if st is None:
+            return
+        response.headers.add("Session-Expires", f"{st.interval};refresher={st.refresher}")
+        if st.refresher == "uac" or "timer" in [s.lower() for s in self.invite.headers.get_all("supported")]:
+            response.headers.add("Require", "timer")
+
+    def _arm_session_timer(self) -> None:
+        st = self.session_timer
+        if st is None or self.ended.is_set():
+            return
+        if self._refresh_handle:
+            self._refresh_handle.cancel()
+        loop = asyncio.get_running_loop()
+        if st.refresher == "uas":
+            self._refresh_handle = loop.call_later(st.interval / 2, self._send_refresh)
+        else:
+            self._refresh_handle = loop.call_later(st.interval - min(32, st.interval / 3), self._session_expired)
+
+    def _session_expired(self) -> None:
+        self.hangup("session_expired")
+
+    def _send_refresh(self) -> None:
+        if self.dialog is None or self.ended.is_set():
+            return
+        allow = [a.strip().upper() for a in self.invite.headers.get_all("allow")]
+        method = "UPDATE" if "UPDATE" in allow else "INVITE"
+        body = self.local_sdp() if method == "INVITE" else b""
+        req = self.dialog.create_request(method, body, "application/sdp" if body else None)
+        st = self.session_timer
+        assert st is not None
+        req.headers.add("Session-Expires", f"{st.interval};refresher=uas")
+        req.headers.add("Supported", "timer")
+        self.ua.send_in_dialog(self, req, on_final=self._refresh_done)
+        self._arm_session_timer()
+
+    def _refresh_done(self, response: Response | None) -> None:
+        if response is None or response.status in (408, 481):
+            self.hangup("session_refresh_failed", refresh_status=None if response is None else response.status)

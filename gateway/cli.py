@@ -1,0 +1,109 @@
+"""`gateway` command line: run a worker, read calls and CDRs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import cdr, log
+from .config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = Path("config/gateway.toml")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    config = load_config(path)
+    if getattr(args, "data_dir", None):
+        config.data.dir = args.data_dir
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.sip_host:
+        config.sip.host = args.sip_host
+    if args.sip_port is not None:
+        config.sip.port = args.sip_port
+    if args.http_port is not None:
+        config.http.port = args.http_port
+    if args.rtp_ports:
+        low, _, high = args.rtp_ports.partition("-")
+        if not (low.isdigit() and high.isdigit() and 1024 <= int(low) < int(high) <= 65535):
+            raise ConfigError(f"--rtp-ports: expected A-B with 1024 <= A < B <= 65535, not {args.rtp_ports!r}")
+        config.rtp.port_min, config.rtp.port_max = int(low), int(high)
+    log.setup(config.log.level, config.log.format)
+    from .worker import Worker
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(Worker(config, name=args.name).run_forever())
+    return 0
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    config = _config(args)
+    rows = cdr.list_calls(config.data_dir, limit=args.limit, active_only=args.active)
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_cdr(args: argparse.Namespace) -> int:
+    config = _config(args)
+    call = cdr.get_call(config.data_dir, args.voice_id)
+    if call is None:
+        print(json.dumps({"error": {"code": "not_found", "message": f"no call {args.voice_id}"}}), file=sys.stderr)
+        return 1
+    print(json.dumps(call, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="IVR voice gateway: phone calls into video rooms")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", type=Path, help=f"TOML config (default: {DEFAULT_CONFIG} if present)")
+        sp.add_argument("--data-dir", help="data directory (CDR store, caches)")
+
+    run = sub.add_parser("run", help="run a worker")
+    common(run)
+    run.add_argument("--sip-host")
+    run.add_argument("--sip-port", type=int)
+    run.add_argument("--http-port", type=int)
+    run.add_argument("--rtp-ports", help="RTP port range A-B")
+    run.add_argument("--name", default=os.environ.get("GATEWAY_WORKER_NAME", "w1"), help="worker name (CDR)")
+    run.set_defaults(func=cmd_run)
+
+    calls = sub.add_parser("calls", help="list calls (JSON)")
+    common(calls)
+    calls.add_argument("--active", action="store_true", help="only calls not yet disconnected")
+    calls.add_argument("--limit", type=int, default=100)
+    calls.set_defaults(func=cmd_calls)
+
+    c = sub.add_parser("cdr", help="one call's record and events (JSON)")
+    common(c)
+    c.add_argument("voice_id")
+    c.set_defaults(func=cmd_cdr)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,269 @@
+"""Configuration: embedded defaults, `config/gateway.toml`, environment overrides; validated at start.
+
+Every error names the file and the key (`config/gateway.toml: sip.port: must be ...`). Environment
+variables override scalar keys: `GATEWAY_<SECTION>_<KEY>`, e.g. `GATEWAY_SIP_PORT=5070`,
+`GATEWAY_RTP_PORT_MIN=30000`; values are read as TOML (so `["udp"]` is a list), else as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SipConfig:
+    host: str = "127.0.0.1"
+    port: int = 5060
+    transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
+    public_host: str = ""  # address written in Contact and SDP; defaults to host
+    user_agent: str = "gateway"
+    session_expires: int = 1800  # RFC 4028 interval we ask for / accept
+    min_se: int = 90
+    max_calls: int = 500
+
+
+@dataclass
+class RtpConfig:
+    port_min: int = 20000
+    port_max: int = 29999
+    jitter_min_ms: int = 20
+    jitter_max_ms: int = 200
+    codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
+    telephone_event_pt: int = 101  # the payload type we offer; we accept whatever the peer offers
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass
+class RegisterConfig:
+    registrar: str = ""  # sip:provider.example.com[:port][;transport=tcp]
+    username: str = ""
+    password: str = ""
+    expires: int = 3600
+    contact_user: str = ""
+
+
+@dataclass
+class TrunkConfig:
+    name: str = ""
+    sources: list[str] = field(default_factory=list)  # IP / CIDR allow-list
+    username: str = ""  # digest credentials a caller outside `sources` may authenticate with
+    password: str = ""
+    realm: str = "gateway"
+    dtmf: list[str] = field(default_factory=lambda: ["rfc4733", "info", "inband"])
+    register: RegisterConfig | None = None
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(s, strict=False) for s in self.sources]
+
+
+@dataclass
+class DidConfig:
+    number: str = ""
+    route: str = "ivr"  # ivr | room | echo | api
+    project: str = "demo"
+    room_id: str = ""
+    answer_after_ms: int = 0  # ring (180) this long before answering
+
+
+@dataclass
+class ProjectConfig:
+    name: str = ""
+    welcome_text: str = ""
+    voice_type: str = "female"
+    language: str = "en-US"
+
+
+@dataclass
+class Config:
+    sip: SipConfig = field(default_factory=SipConfig)
+    rtp: RtpConfig = field(default_factory=RtpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    trunks: list[TrunkConfig] = field(
+        default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
+    )
+    dids: list[DidConfig] = field(
+        default_factory=lambda: [
+            DidConfig(number="15550100001", route="echo"),
+            DidConfig(number="15550100000", route="ivr"),
+        ]
+    )
+    projects: list[ProjectConfig] = field(
+        default_factory=lambda: [ProjectConfig(name="demo", welcome_text="Welcome to the demo conference service.")]
+    )
+    source: str = "<embedded defaults>"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir)
+
+    def did(self, number: str) -> DidConfig | None:
+        wanted = number.lstrip("+")
+        return next((d for d in self.dids if d.number.lstrip("+") == wanted), None)
+
+
+ROUTES = ("ivr", "room", "echo", "api")
+
+
+def _convert(value: object, hint: object, where: str) -> object:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a table")
+        return _build(hint, value, where)  # type: ignore[arg-type]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, not {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string, not {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, object], where: str) -> object:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{where + '.' if where else ''}{key}: unknown key")
+    kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _env_overrides(data: dict[str, typing.Any], environ: typing.Mapping[str, str]) -> None:
+    sections = {f.name for f in dataclasses.fields(Config) if f.name not in ("trunks", "dids", "projects", "source")}
+    for name, raw in environ.items():
+        if not name.startswith("GATEWAY_"):
+            continue
+        section, _, key = name[len("GATEWAY_") :].lower().partition("_")
+        if section not in sections or not key:
+            continue
+        try:
+            value: object = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        data.setdefault(section, {})[key] = value
+
+
+def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
+    """Embedded defaults, overlaid by the file (whole sections/keys), then by the environment."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, typing.Any] = {}
+    source = "<embedded defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    _env_overrides(data, environ)
+    try:
+        config = typing.cast(Config, _build(Config, data, ""))
+        _validate(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    config.source = source
+    return config
+
+
+def _validate(c: Config) -> None:
+    def port(value: int, key: str) -> None:
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{key}: must be a port number 0-65535, not {value}")
+
+    port(c.sip.port, "sip.port")
+    port(c.http.port, "http.port")
+    for t in c.sip.transports:
+        if t not in ("udp", "tcp"):
+            raise ConfigError(f"sip.transports: unknown transport {t!r} (udp, tcp)")
+    for key in ("host", "public_host"):
+        value = getattr(c.sip, key)
+        if value:
+            _check_ip(value, f"sip.{key}")
+    if not 1024 <= c.rtp.port_min < c.rtp.port_max <= 65535 or c.rtp.port_max - c.rtp.port_min < 2:
+        raise ConfigError("rtp.port_min/rtp.port_max: need 1024 <= port_min < port_max <= 65535")
+    if not 0 < c.rtp.jitter_min_ms <= c.rtp.jitter_max_ms <= 1000:
+        raise ConfigError("rtp.jitter_min_ms/jitter_max_ms: need 0 < min <= max <= 1000")
+    for codec in c.rtp.codecs:
+        if codec not in ("PCMU", "PCMA"):
+            raise ConfigError(f"rtp.codecs: unsupported codec {codec!r} (PCMU, PCMA)")
+    if not 96 <= c.rtp.telephone_event_pt <= 127:
+        raise ConfigError("rtp.telephone_event_pt: must be a dynamic payload type 96-127")
+    if c.sip.session_expires < c.sip.min_se or c.sip.min_se < 90:
+        raise ConfigError("sip.session_expires/min_se: need 90 <= min_se <= session_expires")
+    if c.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level: must be debug, info, warning or error, not {c.log.level!r}")
+    if c.log.format not in ("json", "text"):
+        raise ConfigError(f"log.format: must be json or text, not {c.log.format!r}")
+    projects = {p.name for p in c.projects}
+    for i, t in enumerate(c.trunks):
+        if not t.name:
+            raise ConfigError(f"trunks[{i}].name: required")
+        for j, s in enumerate(t.sources):
+            try:
+                ipaddress.ip_network(s, strict=False)
+            except ValueError:
+                raise ConfigError(f"trunks[{i}].sources[{j}]: not an IP address or CIDR: {s!r}") from None
+        if bool(t.username) != bool(t.password):
+            raise ConfigError(f"trunks[{i}]: username and password go together")
+        for d in t.dtmf:
+            if d not in ("rfc4733", "info", "inband"):
+                raise ConfigError(f"trunks[{i}].dtmf: unknown source {d!r} (rfc4733, info, inband)")
+        if t.register is not None and not t.register.registrar.startswith(("sip:", "sips:")):
+            raise ConfigError(f"trunks[{i}].register.registrar: must be a sip: URI")
+    for i, d in enumerate(c.dids):
+        if not d.number.lstrip("+").isdigit():
+            raise ConfigError(f"dids[{i}].number: must be digits (E.164, optional +), not {d.number!r}")
+        if d.route not in ROUTES:
+            raise ConfigError(f"dids[{i}].route: must be one of {', '.join(ROUTES)}, not {d.route!r}")
+        if d.route == "room" and not d.room_id:
+            raise ConfigError(f"dids[{i}].room_id: required when route = \"room\"")
+        if d.project not in projects:
+            raise ConfigError(f"dids[{i}].project: no project named {d.project!r}")
+
+
+def _check_ip(value: str, key: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"{key}: must be an IP address, not {value!r}") from None

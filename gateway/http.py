@@ -1,0 +1,27 @@
+"""The worker's HTTP side: health now; the Voice API mounts here too."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+def make_app(worker: Worker) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app["worker"] = worker
+
+    async def healthz(request: web.Request) -> web.Response:
+        if not worker.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({
+            "status": "ok" if worker.ua.accepting else "draining",
+            "active_calls": len(worker.ua.calls),
+            "rtp_ports_in_use": worker.ua.ports.in_use,
+        })
+
+    app.router.add_get("/healthz", healthz)
+    return app

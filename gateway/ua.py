@@ -1,0 +1,349 @@
+"""The worker's user agent: admits inbound calls (trunks, DIDs, limits), dispatches SIP events to calls.
+
+Admission of an INVITE, in order: capacity (503), trunk allow-list or digest (401/403), Request-URI
+scheme (416), Require (420), body type (415), DID (404), session interval (422), SDP (488), RTP port (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from . import log
+from .call import Call, CallEnded
+from .cdr import CdrStore
+from .config import Config, DidConfig, TrunkConfig
+from .media.clock import MediaClock
+from .media.ports import PortAllocator, PortsExhausted
+from .media.session import RtpSession
+from .sip.auth import DigestServer
+from .sip.message import Request, Response, make_response
+from .sip.sdp import MediaParams, SdpError
+from .sip.transaction import (
+    ALLOW,
+    AckTimedOut,
+    CancelReceived,
+    ClientTransaction,
+    MalformedMessage,
+    RequestReceived,
+    ResponseReceived,
+    ServerInviteTransaction,
+    ServerTransaction,
+    SipStack,
+    Target,
+    TransactionTimedOut,
+    _is_ip,
+)
+from .transport import SipTransport
+
+logger = logging.getLogger("gateway.ua")
+
+App = Callable[[Call], Awaitable[None]]
+AUTH_FAILURE_LIMIT = 10  # failed digest attempts per source address ...
+AUTH_FAILURE_WINDOW = 60.0  # ... per this many seconds, then 403 without a challenge
+
+
+class UserAgent:
+    def __init__(self, config: Config, cdr: CdrStore, clock: MediaClock, apps: dict[str, App]) -> None:
+        self.config = config
+        self.cdr = cdr
+        self.clock = clock
+        self.apps = apps
+        self.stack = SipStack(server_header=config.sip.user_agent)
+        self.transport: SipTransport | None = None
+        self.ports = PortAllocator(config.rtp.port_min, config.rtp.port_max)
+        self.calls: dict[str, Call] = {}  # voice_id -> call
+        self.dialogs: dict[tuple[str, str, str], Call] = {}
+        self.pending: dict[int, Call] = {}  # id(invite txn) -> call not yet answered
+        self.digest = DigestServer(realm=config.trunks[0].realm if config.trunks else "gateway")
+        self._auth_failures: dict[str, list[float]] = {}
+        self.accepting = True
+        self.allow = ALLOW
+        self.media_host = config.sip.public_host or config.sip.host
+        self.info_handlers: list[Callable[[Call, Request], None]] = []
+
+    async def start(self) -> None:
+        self.transport = SipTransport(self.stack, self._drain_events)
+        sip = self.config.sip
+        await self.transport.start(sip.host, sip.port, sip.transports)
+
+    def close(self) -> None:
+        for call in list(self.calls.values()):
+            call.hangup("shutdown")
+        if self.transport:
+            self.transport.service()
+            self.transport.close()
+
+    def now(self) -> float:
+        assert self.transport is not None
+        return self.transport.now()
+
+    def contact(self, transport: str) -> str:
+        host, port = self.stack.local.get(transport, (self.config.sip.host, self.config.sip.port))
+        host = self.config.sip.public_host or host
+        h = f"[{host}]" if ":" in host else host
+        suffix = ";transport=tcp" if transport == "tcp" else ""
+        return f"<sip:gateway@{h}:{port}{suffix}>"
+
+    # -- sending
+    def respond(self, txn: ServerTransaction, response: Response) -> None:
+        if "server" not in response.headers:
+            response.headers.add("Server", self.config.sip.user_agent)
+        txn.respond(response, self.now())  # type: ignore[attr-defined]
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.transport is not None:
+            self.transport.service()
+
+    def send_in_dialog(self, call: Call, request: Request, on_final: Callable[[Response | None], None] | None = None) -> None:
+        assert call.dialog is not None
+        target = call.dialog.destination()
+        if not _is_ip(target.host):
+            target = Target(target.transport, call.source.host, call.source.port)
+        if target.transport == call.source.transport == "tcp":
+            target = Target("tcp", target.host, target.port, call.source.conn)
+        txn = self.stack.send_request(request, target, self.now())
+        if txn is not None:
+            txn.user = (call, on_final)
+        self._flush()
+
+    # -- events from the stack
+    def _drain_events(self) -> None:
+        while (ev := self.stack.next_event()) is not None:
+            try:
+                self._handle(ev)
+            except Exception:
+                logger.exception("sip.event_failed", extra={"fields": {"event": type(ev).__name__}})
+
+    def _handle(self, ev: object) -> None:
+        if isinstance(ev, RequestReceived):
+            self._on_request(ev.request, ev.transaction, ev.source)
+        elif isinstance(ev, CancelReceived):
+            call = self.pending.get(id(ev.invite))
+            if call is not None:
+                call.reject(487, why="cancelled", by="caller")
+        elif isinstance(ev, ResponseReceived):
+            self._on_response(ev.response, ev.transaction)
+        elif isinstance(ev, AckTimedOut):
+            call = self.dialogs.get(self._dialog_key_from_invite(ev.transaction.request))
+            if call is not None:
+                call.hangup("ack_timeout")
+        elif isinstance(ev, TransactionTimedOut):
+            user = ev.transaction.user
+            if isinstance(user, tuple):
+                call, on_final = user
+                if on_final:
+                    on_final(None)
+        elif isinstance(ev, MalformedMessage):
+            log.event(logger, "sip.malformed", logging.WARNING, source=f"{ev.source.host}:{ev.source.port}",
+                      reason=ev.reason, answered=ev.answered)
+
+    def _dialog_key_from_invite(self, invite: Request) -> tuple[str, str, str]:
+        for call in self.calls.values():
+            if call.invite is invite and call.dialog is not None:
+                return call.dialog.id
+        return ("", "", "")
+
+    def _on_response(self, response: Response, txn: ClientTransaction) -> None:
+        user = txn.user
+        if not isinstance(user, tuple):
+            return
+        call, on_final = user
+        if txn.method == "INVITE" and 200 <= response.status < 300 and call.dialog is not None:
+            ack = call.dialog.create_ack(response.cseq[0])
+            self.stack.send_request(ack, txn.target, self.now())
+        if response.status >= 200 and on_final is not None:
+            on_final(response)
+
+    def _on_request(self, request: Request, txn: ServerTransaction | None, source: Target) -> None:
+        to_tag = request.to.tag
+        if to_tag:
+            key = (request.call_id, to_tag, request.from_.tag or "")
+            call = self.dialogs.get(key)
+            if call is not None:
+                call.handle_request(request, txn)
+            elif txn is not None:
+                if request.method == "OPTIONS":
+                    self._answer_options(request, txn)
+                else:
+                    self.respond(txn, make_response(request, 481))
+            return
+        if txn is None:
+            return  # a stray ACK
+        method = request.method
+        if method == "INVITE":
+            assert isinstance(txn, ServerInviteTransaction)
+            self._on_invite(request, txn, source)
+        elif method == "OPTIONS":
+            self._answer_options(request, txn)
+        elif method in ("BYE", "INFO", "UPDATE"):
+            self.respond(txn, make_response(request, 481))
+        elif method in ("REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"):
+            r = make_response(request, 405)
+            r.headers.add("Allow", self.allow)
+            self.respond(txn, r)
+        else:
+            r = make_response(request, 501)
+            r.headers.add("Allow", self.allow)
+            self.respond(txn, r)
+
+    def _answer_options(self, request: Request, txn: ServerTransaction) -> None:
+        status = 200 if self.accepting else 503
+        r = make_response(request, status)
+        r.headers.add("Allow", self.allow)
+        r.headers.add("Accept", "application/sdp")
+        r.headers.add("Supported", "timer")
+        self.respond(txn, r)
+
+    # -- admission of new calls
+    def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int]:
+        """The trunk a call comes from, or (None, status): 401 (challenge sent) or 403."""
+        try:
+            addr = ipaddress.ip_address(source.host)
+        except ValueError:
+            return None, 403
+        for trunk in self.config.trunks:
+            if any(addr in net for net in trunk.networks()):
+                return trunk, 0
+        users = {t.username: t for t in self.config.trunks if t.username}
+        if not users:
+            return None, 403
+        failures = [t for t in self._auth_failures.get(source.host, []) if t > time.time() - AUTH_FAILURE_WINDOW]
+        self._auth_failures[source.host] = failures
+        if len(failures) >= AUTH_FAILURE_LIMIT:
+            return None, 403
+        authorization = request.headers.get("authorization")
+        if authorization:
+            user = self.digest.verify(authorization, request.method, {u: t.password for u, t in users.items()})
+            if user is not None:
+                return users[user], 0
+            failures.append(time.time())
+        return None, 401
+
+    def _reject(self, request: Request, txn: ServerInviteTransaction, status: int, reason: str = "", **extra: str) -> None:
+        r = make_response(request, status, reason, to_tag=None)
+        if status != 100:
+            to = r.headers.get("to") or ""
+            r.headers.set("to", f"{to};tag=reject{id(txn) % 100000}")
+        for name, value in extra.items():
+            r.headers.add(name.replace("_", "-"), value)
+        self.respond(txn, r)
+
+    def _on_invite(self, request: Request, txn: ServerInviteTransaction, source: Target) -> None:
+        fields = {"source": f"{source.host}:{source.port}", "transport": source.transport, "call_id": request.call_id}
+        if not self.accepting or len(self.calls) >= self.config.sip.max_calls:
+            self._reject(request, txn, 503, "Service Unavailable", Retry_After="5")
+            log.event(logger, "call.refused", logging.WARNING, reason="at_capacity" if self.accepting else "draining", **fields)
+            return
+        trunk, status = self._trunk_for(request, source)
+        if trunk is None:
+            if status == 401:
+                r = make_response(request, 401, to_tag=f"auth{id(txn) % 100000}")
+                for challenge in self.digest.challenges():
+                    r.headers.add("WWW-Authenticate", challenge)
+                self.respond(txn, r)
+                log.event(logger, "call.challenged", logging.INFO, **fields)
+            else:
+                self._reject(request, txn, 403, "Forbidden")
+                log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
+            return
+        ruri = request.ruri
+        if ruri.scheme not in ("sip", "sips"):
+            self._reject(request, txn, 416)
+            return
+        unsupported = [o for o in request.headers.get_all("require") if o.lower() != "timer"]
+        if unsupported:
+            self._reject(request, txn, 420, "Bad Extension", Unsupported=", ".join(unsupported))
+            return
+        if request.body and request.content_type != "application/sdp":
+            self._reject(request, txn, 415, "Unsupported Media Type", Accept="application/sdp")
+            return
+        number = (ruri.user or "").split(";")[0]
+        did = self.config.did(number)
+        if did is None or did.route not in self.apps:
+            self._reject(request, txn, 404, "Not Found")
+            log.event(logger, "call.refused", logging.INFO, reason="unknown_did", did=number, **fields)
+            return
+        se = request.headers.get("session-expires")
+        if se:
+            value = se.split(";")[0].strip()
+            if not value.isdigit() or int(value) < self.config.sip.min_se:
+                self._reject(request, txn, 422, "Session Interval Too Small", Min_SE=str(self.config.sip.min_se))
+                return
+        self._start_call(request, txn, source, trunk, did)
+
+    def _start_call(self, request: Request, txn: ServerInviteTransaction, source: Target, trunk: TrunkConfig, did: DidConfig) -> None:
+        from_ = request.from_
+        call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project)
+        self.calls[call.voice_id] = call
+        call.pending_key = id(txn)
+        self.pending[id(txn)] = call
+        caller = from_.uri.user or from_.uri.host
+        self.cdr.open_call(call.voice_id, "inbound", **{"from": caller, "to": did.number, "did": did.number,
+                           "trunk": trunk.name, "project": did.project, "source": f"{source.host}:{source.port}",
+                           "transport": source.transport, "call_id": request.call_id, "route": did.route})
+        log.event(logger, "call.initiated", voice_id=call.voice_id, did=did.number, trunk=trunk.name,
+                  caller=caller, route=did.route, transport=source.transport)
+        try:
+            if request.body:
+                params = call.negotiate_offer(request.body)
+            else:
+                params = MediaParams(source.host, 0, self.config.rtp.codecs[0], 0 if self.config.rtp.codecs[0] == "PCMU" else 8,
+                                     self.config.rtp.telephone_event_pt, "sendrecv")
+        except SdpError as exc:
+            r = call._response(488)
+            r.headers.add("Warning", f'304 gateway "{exc}"')
+            self.respond(txn, r)
+            call.invite_txn = None
+            call._end("incompatible_sdp", 488, error=str(exc))
+            return
+        call._negotiate_session_timer(request)
+        call.task = asyncio.get_running_loop().create_task(self._run_call(call, params, did))
+
+    async def _run_call(self, call: Call, params: MediaParams, did: DidConfig) -> None:
+        media = RtpSession(self.clock, self.ports, params, (self.config.rtp.jitter_min_ms, self.config.rtp.jitter_max_ms))
+        try:
+            await media.open(self.media_host)
+        except (OSError, PortsExhausted) as exc:
+            call.reject(503, "Service Unavailable", why="no_rtp_port", error=str(exc))
+            return
+        call.media = media
+        if call.ended.is_set():  # cancelled while we were binding
+            media.close()
+            return
+        try:
+            if did.answer_after_ms > 0:
+                await call.ring()
+                try:
+                    await asyncio.wait_for(call.ended.wait(), did.answer_after_ms / 1000)
+                except TimeoutError:
+                    pass
+            await self.apps[did.route](call)
+        except CallEnded:
+            pass
+        except Exception as exc:
+            logger.exception("call.app_failed", extra={"fields": {"voice_id": call.voice_id}})
+            call.hangup("internal_error", error=str(exc))
+        finally:
+            if not call.ended.is_set():
+                call.hangup("app_finished")
+
+    def register_dialog(self, call: Call) -> None:
+        assert call.dialog is not None
+        self.dialogs[call.dialog.id] = call
+        self.pending.pop(call.pending_key, None)
+
+    def forget(self, call: Call) -> None:
+        self.calls.pop(call.voice_id, None)
+        if call.dialog is not None:
+            self.dialogs.pop(call.dialog.id, None)
+        self.pending.pop(call.pending_key, None)
+        self._flush()
+
+    def on_info(self, call: Call, request: Request) -> None:
+        for handler in self.info_handlers:
+            handler(call, request)

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real gateway process on loopback, and helpers to run real peers against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "tests" / "integration" / "scenarios"
+
+
+def free_port(kind: str = "both") -> int:
+    """A port free for UDP and TCP on 127.0.0.1 (random, so parallel runs rarely collide)."""
+    for _ in range(200):
+        port = random.randint(20000, 60000)
+        try:
+            for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                with socket.socket(socket.AF_INET, typ) as s:
+                    s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll a condition with a deadline (synchronisation on a state, never a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    sip_port: int
+    http_port: int
+    rtp_range: tuple[int, int]
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def sip(self) -> str:
+        return f"127.0.0.1:{self.sip_port}"
+
+    def http_get(self, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def cli(self, *args: str) -> dict | list:  # type: ignore[type-arg]
+        out = subprocess.run([sys.executable, "-m", "gateway", *args, "--data-dir", str(self.data_dir)],
+                             capture_output=True, timeout=30, cwd=ROOT, check=True)
+        return json.loads(out.stdout)
+
+    def calls(self) -> list[dict]:  # type: ignore[type-arg]
+        return self.cli("calls", "--limit", "1000")  # type: ignore[return-value]
+
+    def cdr(self, voice_id: str) -> dict:  # type: ignore[type-arg]
+        return self.cli("cdr", voice_id)  # type: ignore[return-value]
+
+    def wait_calls_ended(self, count: int, timeout: float = 20) -> list[dict]:  # type: ignore[type-arg]
+        def done() -> list[dict] | None:  # type: ignore[type-arg]
+            rows = self.calls()
+            ended = [r for r in rows if r["state"] == "disconnected"]
+            return rows if len(rows) >= count and len(ended) == len(rows) else None
+        return wait_until(done, timeout, f"{count} calls to end in the CDR", interval=0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> Gateway:
+    sip_port, http_port = free_port(), free_port()
+    rtp_low = random.randrange(30000, 58000, 2)
+    rtp = (rtp_low, rtp_low + 1200)
+    data = tmp / "data"
+    args = [sys.executable, "-m", "gateway", "run", "--sip-host", "127.0.0.1", "--sip-port", str(sip_port),
+            "--http-port", str(http_port), "--rtp-ports", f"{rtp[0]}-{rtp[1]}", "--data-dir", str(data)]
+    if config_text is not None:
+        cfg = tmp / "gateway.toml"
+        cfg.write_text(config_text)
+        args += ["--config", str(cfg)]
+    log_path = tmp / "gateway.log"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    gw = Gateway(proc, sip_port, http_port, rtp, data, log_path)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited: {gw.log()}")
+        try:
+            return gw.http_get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, 20, "gateway /healthz")
+    return gw
+
+
+def stop_gateway(gw: Gateway) -> None:
+    if gw.proc.poll() is None:
+        gw.proc.send_signal(signal.SIGTERM)
+        try:
+            gw.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            gw.proc.kill()
+            gw.proc.wait(5)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path)
+    yield gw
+    stop_gateway(gw)
+
+
+def run_sipp(gw_sip: str, *args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run sipp to completion (bounded in time); the caller asserts on returncode/stdout."""
+    port = free_port()
+    media = random.randrange(40000, 60000, 2)
+    cmd = ["sipp", gw_sip, "-i", "127.0.0.1", "-p", str(port), "-mp", str(media), "-nostdin",
+           "-timeout", f"{int(timeout) - 5}s", "-timeout_error", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def sipp_ok(result: subprocess.CompletedProcess[str]) -> bool:
+    return result.returncode == 0
+
+
+# The shipped config plus DIDs the tests need: one that rings before answering (CANCEL, retransmission).
+TEST_DIDS = """
+[[dids]]
+number = "15550100002"
+route = "echo"
+project = "demo"
+answer_after_ms = 1500
+"""
+
+
+def make_test_config(extra: str = "") -> str:
+    return (ROOT / "config" / "gateway.toml").read_text() + TEST_DIDS + extra
+
+
+def scenario(tmp: Path, name: str, **subs: str) -> Path:
+    """A copy of a sipp scenario with %KEY% placeholders filled in."""
+    text = (SCENARIOS / name).read_text()
+    for key, value in subs.items():
+        text = text.replace(f"%{key.upper()}%", value)
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def test_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path, make_test_config())
+    yield gw
+    stop_gateway(gw)

@@ -1,0 +1,76 @@
+"""Calls from sipp (a real SIP peer) over real sockets on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import SCENARIOS, Gateway, make_test_config, run_sipp, scenario, start_gateway, stop_gateway
+
+
+def test_builtin_uac_calls_echo(gateway: Gateway) -> None:
+    r = run_sipp(gateway.sip, "-sn", "uac", "-s", "15550100001", "-m", "5", "-r", "5", "-d", "1000")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = gateway.wait_calls_ended(5)
+    assert len(rows) == 5
+    for row in rows:
+        assert row["did"] == "15550100001" and row["reason"] == "remote_bye" and row["answered_at"]
+        cdr = gateway.cdr(row["voice_id"])
+        states = [e["state"] for e in cdr["events"]]
+        assert states == ["initiated", "answered", "disconnected"], states
+
+
+def test_tcp_call(gateway: Gateway) -> None:
+    r = run_sipp(gateway.sip, "-sn", "uac", "-s", "15550100001", "-m", "2", "-r", "2", "-d", "500", "-t", "t1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = gateway.wait_calls_ended(2)
+    assert all(r["reason"] == "remote_bye" for r in rows)
+    assert all(gateway.cdr(r["voice_id"])["events"][0]["transport"] == "tcp" for r in rows)
+
+
+def test_options_gets_200(gateway: Gateway) -> None:
+    r = run_sipp(gateway.sip, "-sf", str(SCENARIOS / "options.xml"), "-m", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert gateway.calls() == []  # a probe is not a call
+
+
+def test_unknown_did_gets_404(gateway: Gateway, tmp_path: Path) -> None:
+    sf = scenario(tmp_path, "rejected.xml", status="404")
+    r = run_sipp(gateway.sip, "-sf", str(sf), "-s", "19999999999", "-m", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_source_outside_allow_list_gets_403(tmp_path: Path) -> None:
+    cfg = make_test_config().replace('sources = ["127.0.0.0/8"]', 'sources = ["127.0.0.2/32"]')
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        sf = scenario(tmp_path, "rejected.xml", status="403")
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", "15550100001", "-m", "2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert gw.calls() == []
+        assert '"reason": "source_not_allowed"' in gw.log()
+    finally:
+        stop_gateway(gw)
+
+
+def test_retransmitted_invite_is_absorbed_and_2xx_retransmitted(test_gateway: Gateway, tmp_path: Path) -> None:
+    r = run_sipp(test_gateway.sip, "-sf", str(SCENARIOS / "retransmit.xml"), "-s", "15550100002", "-m", "1",
+                 "-trace_msg", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    trace = next(tmp_path.glob("retransmit_*_messages.log")).read_text()
+    received = [chunk.split("message sent")[0] for chunk in trace.split("message received")[1:]]
+    trying = [b for b in received if "SIP/2.0 100 " in b]
+    ok = [b for b in received if "SIP/2.0 200 OK" in b and "CSeq: 1 INVITE" in b]
+    assert len(trying) == 2, "the retransmitted INVITE must be answered with the last provisional again"
+    assert len(ok) >= 3, f"2xx must be retransmitted (T1, 2*T1) until the ACK; got {len(ok)}"
+    rows = test_gateway.wait_calls_ended(1)
+    assert len(rows) == 1, "a retransmitted INVITE must not make a second call"
+    assert rows[0]["reason"] == "remote_bye"
+
+
+def test_cancel_gives_200_and_487(test_gateway: Gateway) -> None:
+    r = run_sipp(test_gateway.sip, "-sf", str(SCENARIOS / "cancel.xml"), "-s", "15550100002", "-m", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = test_gateway.wait_calls_ended(1)
+    assert rows[0]["reason"] == "cancelled" and rows[0]["sip_code"] == 487 and rows[0]["answered_at"] is None
+    states = [e["state"] for e in test_gateway.cdr(rows[0]["voice_id"])["events"]]
+    assert states == ["initiated", "ringing", "disconnected"]
