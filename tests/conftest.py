@@ -133,10 +133,11 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
     stop_gateway(gw)
 
 
-def run_sipp(gw_sip: str, *args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_sipp(gw_sip: str, *args: str, timeout: float = 60, cwd: Path | None = None,
+             media_port: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run sipp to completion (bounded in time); the caller asserts on returncode/stdout."""
     port = free_port()
-    media = random.randrange(40000, 60000, 2)
+    media = media_port or random.randrange(40000, 60000, 2)
     cmd = ["sipp", gw_sip, "-i", "127.0.0.1", "-p", str(port), "-mp", str(media), "-nostdin",
            "-timeout", f"{int(timeout) - 5}s", "-timeout_error", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)

@@ -74,3 +74,29 @@ def test_cancel_gives_200_and_487(test_gateway: Gateway) -> None:
     assert rows[0]["reason"] == "cancelled" and rows[0]["sip_code"] == 487 and rows[0]["answered_at"] is None
     states = [e["state"] for e in test_gateway.cdr(rows[0]["voice_id"])["events"]]
     assert states == ["initiated", "ringing", "disconnected"]
+
+
+def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> None:
+    """sipp streams a known mu-law file; what the gateway sends back must contain it byte for byte."""
+    from gateway.media.rtp import RtpPacket
+    from tests.integration.media_tools import Capture, test_signal_ulaw
+
+    audio = tmp_path / "caller.ul"
+    sent = test_signal_ulaw(audio, seconds=2.0)
+    media_port = 46000 + (gateway.sip_port % 1000) * 2
+    lo, hi = gateway.rtp_range
+    cap = Capture(tmp_path / "echo.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
+    try:
+        sf = scenario(tmp_path, "echo_rtp.xml", audio=str(audio), hold="3000")
+        r = run_sipp(gateway.sip, "-sf", str(sf), "-s", "15550100001", "-m", "1", media_port=media_port)
+    finally:
+        cap.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    packets = [RtpPacket.parse(p) for _, _, _, p in cap.udp_payloads()]
+    assert packets, "the gateway sent no RTP to the caller"
+    assert all(p.payload_type == 0 for p in packets)
+    packets.sort(key=lambda p: p.sequence)
+    received = b"".join(p.payload for p in packets)
+    assert sent in received, "the echoed audio differs from what the caller sent"
+    rows = gateway.wait_calls_ended(1)
+    assert rows[0]["reason"] == "remote_bye"
