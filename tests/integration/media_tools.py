@@ -13,7 +13,7 @@ import numpy as np
 from tests.conftest import wait_until
 
 
-def test_signal_ulaw(path: Path, seconds: float = 2.0, seed: int = 7) -> bytes:
+def make_signal_ulaw(path: Path, seconds: float = 2.0, seed: int = 7) -> bytes:
     """A mu-law file of distinct content (noise shaped into syllables): every 20 ms frame is unique."""
     rng = np.random.default_rng(seed)
     n = int(8000 * seconds)

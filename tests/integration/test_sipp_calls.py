@@ -79,10 +79,10 @@ def test_cancel_gives_200_and_487(test_gateway: Gateway) -> None:
 def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> None:
     """sipp streams a known mu-law file; what the gateway sends back must contain it byte for byte."""
     from gateway.media.rtp import RtpPacket
-    from tests.integration.media_tools import Capture, test_signal_ulaw
+    from tests.integration.media_tools import Capture, make_signal_ulaw
 
     audio = tmp_path / "caller.ul"
-    sent = test_signal_ulaw(audio, seconds=2.0)
+    sent = make_signal_ulaw(audio, seconds=2.0)
     media_port = 46000 + (gateway.sip_port % 1000) * 2
     lo, hi = gateway.rtp_range
     cap = Capture(tmp_path / "echo.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
@@ -100,3 +100,34 @@ def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> Non
     assert sent in received, "the echoed audio differs from what the caller sent"
     rows = gateway.wait_calls_ended(1)
     assert rows[0]["reason"] == "remote_bye"
+
+
+def test_200_concurrent_echo_calls(gateway: Gateway, tmp_path: Path) -> None:
+    """200 calls up at once, each streaming audio for 6 s: all complete, and 200 were active together."""
+    import threading
+
+    from tests.integration.media_tools import make_signal_ulaw
+
+    audio = tmp_path / "caller.ul"
+    make_signal_ulaw(audio, seconds=4.0)
+    sf = scenario(tmp_path, "echo_rtp.xml", audio=str(audio), hold="6000")
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], gateway.http_get("/healthz")[1].get("active_calls", 0))
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        r = run_sipp(gateway.sip, "-sf", str(sf), "-s", "15550100001", "-m", "200", "-l", "200", "-r", "100",
+                     timeout=90)
+    finally:
+        done.set()
+        watcher.join(5)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = gateway.wait_calls_ended(200, timeout=30)
+    assert len(rows) == 200 and all(row["reason"] == "remote_bye" for row in rows)
+    assert peak[0] >= 190, f"only {peak[0]} calls were up at once"
