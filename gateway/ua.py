@@ -20,7 +20,7 @@ from .media.clock import MediaClock
 from .media.ports import PortAllocator, PortsExhausted
 from .media.session import RtpSession
 from .sip.auth import DigestServer
-from .sip.message import Request, Response, make_response
+from .sip.message import KNOWN_METHODS, Request, Response, make_response
 from .sip.sdp import MediaParams, SdpError
 from .sip.transaction import (
     ALLOW,
@@ -175,6 +175,10 @@ class UserAgent:
         if txn is None:
             return  # a stray ACK
         method = request.method
+        refusal = self._precheck(request)
+        if refusal is not None:
+            self.respond(txn, refusal)
+            return
         if method == "INVITE":
             assert isinstance(txn, ServerInviteTransaction)
             self._on_invite(request, txn, source)
@@ -182,14 +186,31 @@ class UserAgent:
             self._answer_options(request, txn)
         elif method in ("BYE", "INFO", "UPDATE"):
             self.respond(txn, make_response(request, 481))
-        elif method in ("REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"):
+        else:  # a method we know but do not serve (REGISTER: we are not a registrar)
             r = make_response(request, 405)
             r.headers.add("Allow", self.allow)
             self.respond(txn, r)
-        else:
+
+    def _precheck(self, request: Request) -> Response | None:
+        """Checks every out-of-dialog request passes (RFC 3261 8.2.1-8.2.3, RFC 4475 3.3)."""
+        if request.method not in KNOWN_METHODS:
             r = make_response(request, 501)
             r.headers.add("Allow", self.allow)
-            self.respond(txn, r)
+            return r
+        if request.ruri.scheme not in ("sip", "sips"):
+            return make_response(request, 416)
+        unsupported = [o for o in request.headers.get_all("require") if o.lower() != "timer"]
+        if unsupported:
+            r = make_response(request, 420)
+            r.headers.add("Unsupported", ", ".join(unsupported))
+            return r
+        accept = [a.split(";")[0].strip().lower() for a in request.headers.get_all("accept")]
+        if request.method == "INVITE" and accept and not {"application/sdp", "application/*", "*/*"} & set(accept):
+            r = make_response(request, 406)
+            r.headers.add("Accept", "application/sdp")
+            r.headers.add("Warning", '399 gateway "only application/sdp bodies are supported"')
+            return r
+        return None
 
     def _answer_options(self, request: Request, txn: ServerTransaction) -> None:
         status = 200 if self.accepting else 503
@@ -252,13 +273,6 @@ class UserAgent:
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
             return
         ruri = request.ruri
-        if ruri.scheme not in ("sip", "sips"):
-            self._reject(request, txn, 416)
-            return
-        unsupported = [o for o in request.headers.get_all("require") if o.lower() != "timer"]
-        if unsupported:
-            self._reject(request, txn, 420, "Bad Extension", Unsupported=", ".join(unsupported))
-            return
         if request.body and request.content_type != "application/sdp":
             self._reject(request, txn, 415, "Unsupported Media Type", Accept="application/sdp")
             return

@@ -473,15 +473,16 @@ class SipStack:
         partial = exc.partial
         status: int | None = None
         if isinstance(partial, Request) and partial.method != "ACK" and partial.headers.get_all("via"):
+            response = make_response(partial, exc.status, _reason(exc))
+            if exc.status == 501:
+                response.headers.add("Allow", ALLOW)
             try:
                 self._stamp_via(partial, source)
-                response = make_response(partial, exc.status, _reason(exc))
-                if exc.status == 501:
-                    response.headers.add("Allow", ALLOW)
-                self._send(response.serialize(), self.response_target(partial, source))
-                status = exc.status
+                target = self.response_target(partial, source)
             except SipParseError:
-                status = None
+                target = source  # a Via we cannot read (e.g. SIP/7.0): answer where the packet came from
+            self._send(response.serialize(), target)
+            status = exc.status
         self._events.append(MalformedMessage(exc.reason, source, status))
 
     @staticmethod
