@@ -39,7 +39,7 @@ def localize(data: bytes, port: int) -> bytes:
     lines = head.split(b"\r\n")
     for i, line in enumerate(lines):
         if line.split(b":", 1)[0].strip().lower() in (b"via", b"v"):
-            lines[i] = re.sub(rb"(SIP\s*/\s*2\.0\s*/\s*\w+\s+)127\.0\.0\.1(:\d+)?", rb"\g<1>127.0.0.1:%d" % port, line, 1)
+            lines[i] = re.sub(rb"(SIP\s*/\s*2\.0\s*/\s*\w+\s+)127\.0\.0\.1(:\d+)?", rb"\g<1>127.0.0.1:%d" % port, line, count=1)
             break
     return b"\r\n".join(lines) + body
 
