@@ -31,6 +31,9 @@ class SipConfig:
     session_expires: int = 1800  # RFC 4028 interval we ask for / accept
     min_se: int = 90
     max_calls: int = 500
+    # Digest challenges sent to trunks outside the allow-list, in order of preference (RFC 8760). Some
+    # clients (sipp among them) read only the first challenge and know only MD5: put "MD5" first for them.
+    digest_algorithms: list[str] = field(default_factory=lambda: ["SHA-256", "MD5"])
 
 
 @dataclass
@@ -231,6 +234,8 @@ def _validate(c: Config) -> None:
         raise ConfigError("rtp.telephone_event_pt: must be a dynamic payload type 96-127")
     if c.sip.session_expires < c.sip.min_se or c.sip.min_se < 90:
         raise ConfigError("sip.session_expires/min_se: need 90 <= min_se <= session_expires")
+    if not c.sip.digest_algorithms or any(a not in ("SHA-256", "MD5") for a in c.sip.digest_algorithms):
+        raise ConfigError("sip.digest_algorithms: a non-empty list of \"SHA-256\" and/or \"MD5\"")
     if c.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level: must be debug, info, warning or error, not {c.log.level!r}")
     if c.log.format not in ("json", "text"):

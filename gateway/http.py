@@ -21,6 +21,7 @@ def make_app(worker: Worker) -> web.Application:
             "status": "ok" if worker.ua.accepting else "draining",
             "active_calls": len(worker.ua.calls),
             "rtp_ports_in_use": worker.ua.ports.in_use,
+            "registrations": {r.trunk.name: r.state for r in worker.registrations},
         })
 
     app.router.add_get("/healthz", healthz)

@@ -58,12 +58,14 @@ class UserAgent:
         self.calls: dict[str, Call] = {}  # voice_id -> call
         self.dialogs: dict[tuple[str, str, str], Call] = {}
         self.pending: dict[int, Call] = {}  # id(invite txn) -> call not yet answered
-        self.digest = DigestServer(realm=config.trunks[0].realm if config.trunks else "gateway")
+        self.digest = DigestServer(realm=config.trunks[0].realm if config.trunks else "gateway",
+                                   algorithms=tuple(config.sip.digest_algorithms))
         self._auth_failures: dict[str, list[float]] = {}
         self.accepting = True
         self.allow = ALLOW
         self.media_host = config.sip.public_host or config.sip.host
         self.info_handlers: list[Callable[[Call, Request], None]] = []
+        self.trusted_sources: dict[str, TrunkConfig] = {}  # registrar addresses (REGISTER client)
 
     async def start(self) -> None:
         self.transport = SipTransport(self.stack, self._drain_events)
@@ -98,6 +100,20 @@ class UserAgent:
     def _flush(self) -> None:
         if self.transport is not None:
             self.transport.service()
+
+    def request(self, request: Request, target: Target) -> asyncio.Future[Response | None]:
+        """Send an out-of-dialog request; the future gets its final response (None on timeout)."""
+        fut: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
+
+        def done(response: Response | None) -> None:
+            if not fut.done():
+                fut.set_result(response)
+
+        txn = self.stack.send_request(request, target, self.now())
+        if txn is not None:
+            txn.user = (None, done)
+        self._flush()
+        return fut
 
     def send_in_dialog(self, call: Call, request: Request, on_final: Callable[[Response | None], None] | None = None) -> None:
         assert call.dialog is not None
@@ -153,7 +169,7 @@ class UserAgent:
         if not isinstance(user, tuple):
             return
         call, on_final = user
-        if txn.method == "INVITE" and 200 <= response.status < 300 and call.dialog is not None:
+        if txn.method == "INVITE" and 200 <= response.status < 300 and call is not None and call.dialog is not None:
             ack = call.dialog.create_ack(response.cseq[0])
             self.stack.send_request(ack, txn.target, self.now())
         if response.status >= 200 and on_final is not None:
@@ -230,6 +246,8 @@ class UserAgent:
         for trunk in self.config.trunks:
             if any(addr in net for net in trunk.networks()):
                 return trunk, 0
+        if source.host in self.trusted_sources:
+            return self.trusted_sources[source.host], 0
         users = {t.username: t for t in self.config.trunks if t.username}
         if not users:
             return None, 403
@@ -267,7 +285,9 @@ class UserAgent:
                 for challenge in self.digest.challenges():
                     r.headers.add("WWW-Authenticate", challenge)
                 self.respond(txn, r)
-                log.event(logger, "call.challenged", logging.INFO, **fields)
+                failed = "authorization" in request.headers
+                log.event(logger, "call.auth_failed" if failed else "call.challenged",
+                          logging.WARNING if failed else logging.INFO, **fields)
             else:
                 self._reject(request, txn, 403, "Forbidden")
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
@@ -278,6 +298,9 @@ class UserAgent:
             return
         number = (ruri.user or "").split(";")[0]
         did = self.config.did(number)
+        if did is None and request.to.uri.user:  # delivered to our registered contact: the DID is in To
+            number = request.to.uri.user.split(";")[0]
+            did = self.config.did(number)
         if did is None or did.route not in self.apps:
             self._reject(request, txn, 404, "Not Found")
             log.event(logger, "call.refused", logging.INFO, reason="unknown_did", did=number, **fields)

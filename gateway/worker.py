@@ -14,6 +14,7 @@ from .cdr import CdrStore
 from .config import Config
 from .http import make_app
 from .media.clock import MediaClock
+from .registration import Registration
 from .ua import App, UserAgent
 
 logger = logging.getLogger("gateway.worker")
@@ -27,6 +28,7 @@ class Worker:
         self.clock = MediaClock()
         apps: dict[str, App] = {"echo": echo}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
+        self.registrations = [Registration(self.ua, t) for t in config.trunks if t.register is not None]
         self.ready = False
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
@@ -37,6 +39,8 @@ class Worker:
             log.event(logger, "cdr.closed_stale", logging.WARNING, count=len(stale))
         self.clock.start()
         await self.ua.start()
+        for registration in self.registrations:
+            registration.start()
         self._runner = web.AppRunner(make_app(self), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
@@ -49,6 +53,8 @@ class Worker:
 
     async def stop(self) -> None:
         self.ready = False
+        for registration in self.registrations:
+            registration.stop()
         self.ua.close()
         self.clock.stop()
         if self._runner:

@@ -93,8 +93,10 @@ class DigestClient:
 class DigestServer:
     """Issues challenges and verifies answers. Nonces are stateless: time + HMAC, valid `lifetime` s."""
 
-    def __init__(self, realm: str, secret: bytes | None = None, lifetime: float = 300.0) -> None:
+    def __init__(self, realm: str, secret: bytes | None = None, lifetime: float = 300.0,
+                 algorithms: tuple[str, ...] = ("SHA-256", "MD5")) -> None:
         self.realm = realm
+        self.algorithms = algorithms
         self._secret = secret or os.urandom(32)
         self.lifetime = lifetime
 
@@ -116,7 +118,7 @@ class DigestServer:
         nonce = self._nonce(time.time() if now is None else now)
         return [
             f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={alg}, qop="auth"'
-            for alg in ("SHA-256", "MD5")
+            for alg in self.algorithms
         ]
 
     def verify(self, authorization: str, method: str, lookup: dict[str, str], now: float | None = None) -> str | None:
@@ -126,7 +128,7 @@ class DigestServer:
             return None
         user = p.get("username", "")
         algorithm = p.get("algorithm", "MD5").upper()
-        if user not in lookup or algorithm not in ALGORITHMS or p.get("realm") != self.realm:
+        if user not in lookup or algorithm not in self.algorithms or p.get("realm") != self.realm:
             return None
         if not self._nonce_ok(p.get("nonce", ""), time.time() if now is None else now):
             return None
