@@ -216,9 +216,9 @@ def _validate(c: Config) -> None:
 
     port(c.sip.port, "sip.port")
     port(c.http.port, "http.port")
-    for t in c.sip.transports:
-        if t not in ("udp", "tcp"):
-            raise ConfigError(f"sip.transports: unknown transport {t!r} (udp, tcp)")
+    for transport in c.sip.transports:
+        if transport not in ("udp", "tcp"):
+            raise ConfigError(f"sip.transports: unknown transport {transport!r} (udp, tcp)")
     for key in ("host", "public_host"):
         value = getattr(c.sip, key)
         if value:
@@ -251,9 +251,9 @@ def _validate(c: Config) -> None:
                 raise ConfigError(f"trunks[{i}].sources[{j}]: not an IP address or CIDR: {s!r}") from None
         if bool(t.username) != bool(t.password):
             raise ConfigError(f"trunks[{i}]: username and password go together")
-        for d in t.dtmf:
-            if d not in ("rfc4733", "info", "inband"):
-                raise ConfigError(f"trunks[{i}].dtmf: unknown source {d!r} (rfc4733, info, inband)")
+        for source in t.dtmf:
+            if source not in ("rfc4733", "info", "inband"):
+                raise ConfigError(f"trunks[{i}].dtmf: unknown source {source!r} (rfc4733, info, inband)")
         if t.register is not None and not t.register.registrar.startswith(("sip:", "sips:")):
             raise ConfigError(f"trunks[{i}].register.registrar: must be a sip: URI")
     for i, d in enumerate(c.dids):

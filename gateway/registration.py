@@ -75,7 +75,7 @@ class Registration:
             ipaddress.ip_address(host)
         except ValueError:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=0, type=0)
-            host = infos[0][4][0]
+            host = str(infos[0][4][0])
         self.ua.trusted_sources[host] = self.trunk
         return Target(transport, host, self.registrar.port or 5060)
 

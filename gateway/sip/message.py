@@ -224,7 +224,9 @@ def format_params(params: dict[str, str | None]) -> str:
 
 
 def _split_unquoted(text: str, sep: str) -> list[str]:
-    out, buf, quoted = [], [], False
+    out: list[str] = []
+    buf: list[str] = []
+    quoted = False
     for ch in text:
         if ch == '"':
             quoted = not quoted
