@@ -43,3 +43,14 @@ def test_invite_without_sdp_offer_in_200_answer_in_ack(gateway: Gateway) -> None
     events = gateway.cdr(row["voice_id"])["events"]
     updated = [e for e in events if e["state"] == "media_updated"]
     assert updated and updated[0]["codec"] == "PCMA", "the answer in the ACK must set the media"
+
+
+def test_session_timer_refresh_by_gateway_and_failed_refresh_ends_call(gateway: Gateway) -> None:
+    """Takes ~46 s: RFC 4028 forbids intervals under 90 s, and the refresh comes at half of it."""
+    r = run_sipp(gateway.sip, "-sf", str(SCENARIOS / "session_refresh.xml"), "-s", "15550100001", "-m", "1",
+                 timeout=90)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    row = gateway.wait_calls_ended(1)[0]
+    assert row["reason"] == "session_refresh_failed"
+    assert 44 <= row["ended_at"] - row["answered_at"] <= 50
+    assert gateway.http_get("/healthz")[1]["rtp_ports_in_use"] == 0

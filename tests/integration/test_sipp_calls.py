@@ -74,6 +74,7 @@ def test_cancel_gives_200_and_487(test_gateway: Gateway) -> None:
     assert rows[0]["reason"] == "cancelled" and rows[0]["sip_code"] == 487 and rows[0]["answered_at"] is None
     states = [e["state"] for e in test_gateway.cdr(rows[0]["voice_id"])["events"]]
     assert states == ["initiated", "ringing", "disconnected"]
+    assert test_gateway.http_get("/healthz")[1]["rtp_ports_in_use"] == 0
 
 
 def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> None:
@@ -134,3 +135,5 @@ def test_200_concurrent_echo_calls(gateway: Gateway, tmp_path: Path) -> None:
     rows = gateway.wait_calls_ended(200, timeout=30)
     assert len(rows) == 200 and all(row["reason"] == "remote_bye" for row in rows)
     assert peak[0] >= 190, f"only {peak[0]} calls were up at once"
+    health = gateway.http_get("/healthz")[1]
+    assert health["active_calls"] == 0 and health["rtp_ports_in_use"] == 0, "every RTP port must be released"

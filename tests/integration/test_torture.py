@@ -6,6 +6,7 @@ name becomes 127.0.0.1 (the top Via also gets our socket's port), and everything
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from tests.conftest import Gateway
 
 TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
-pytestmark = pytest.mark.skipif(not TORTURE.exists(), reason="shared/rfc4475 not beside the checkout")
+# Outside CI a checkout without shared/ beside it skips these; in CI (CI=true) a missing set fails.
+pytestmark = pytest.mark.skipif(not TORTURE.exists() and not os.environ.get("CI"), reason="no shared/rfc4475")
 
 EXPECTED = {
     "badinv01": 400, "clerr": 400, "ncl": 400, "scalar02": 400, "quotbal": 400, "ltgtruri": 400, "lwsruri": 400,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from gateway.sip.message import (
 
 # shared/ sits beside the checkout (as in CI); the files are byte-exact RFC 4475 Appendix A.
 TORTURE = Path(__file__).resolve().parents[3] / "shared" / "rfc4475"
-pytestmark = pytest.mark.skipif(not TORTURE.exists(), reason="shared/rfc4475 not beside the checkout")
+# Outside CI a checkout without shared/ beside it skips these; in CI (CI=true) a missing set fails.
+pytestmark = pytest.mark.skipif(not TORTURE.exists() and not os.environ.get("CI"), reason="no shared/rfc4475")
 
 # RFC 4475 verdicts at the parser: files a parser must accept, and those it must reject (with the status).
 VALID = ["wsinv", "intmeth", "esc01", "escnull", "esc02", "lwsdisp", "longreq", "dblreq", "semiuri", "transports",
