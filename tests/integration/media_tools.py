@@ -47,7 +47,11 @@ class Capture:
                 raise AssertionError("tshark exited: " + self._err.decode(errors="replace"))
             return b"Capturing on" in self._err
 
-        wait_until(ready, 20, "tshark to start capturing")
+        try:
+            wait_until(ready, 20, "tshark to start capturing")
+        except BaseException:
+            self.stop()  # never leave a capture running behind a failed start
+            raise
 
     def stop(self) -> None:
         if self.proc.poll() is None:
