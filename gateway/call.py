@@ -61,6 +61,7 @@ class Call:
         self.end_reason = ""
         self.task: asyncio.Task[None] | None = None
         self.pending_key = 0
+        self.audio: Any = None  # the IVR's CallAudio once an application sets it up
 
     # -- recording
     def record(self, state: str, level: int = logging.INFO, **data: Any) -> None:

@@ -68,6 +68,52 @@ def cmd_cdr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rooms_create(args: argparse.Namespace) -> int:
+    from .rooms import RoomStore
+
+    config = _config(args)
+    store = RoomStore(config.data_dir)
+    if args.meeting_id is not None and not (args.meeting_id.isdigit() and 4 <= len(args.meeting_id) <= 16):
+        raise ConfigError("--meeting-id: 4 to 16 digits")
+    try:
+        room = store.create(args.name, sip_enabled=not args.no_sip, meeting_id_digits=config.rooms.meeting_id_digits,
+                            pin_digits=config.rooms.pin_digits, meeting_id=args.meeting_id)
+    except ValueError as exc:
+        print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(room, indent=2))
+    return 0
+
+
+def cmd_rooms_list(args: argparse.Namespace) -> int:
+    from .rooms import RoomStore
+
+    store = RoomStore(_config(args).data_dir)
+    print(json.dumps(store.list(), indent=2))
+    store.close()
+    return 0
+
+
+def cmd_prompts_render(args: argparse.Namespace) -> int:
+    from .prompts import PromptError, PromptLibrary
+
+    config = _config(args)
+    log.setup(config.log.level, "text")
+    library = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
+    combos = sorted({(p.language, p.voice_type, p.welcome_text) for p in config.projects})
+    try:
+        count = asyncio.run(library.render_all(combos))
+    except PromptError as exc:
+        print(f"gateway: prompts: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        library.close()
+    print(json.dumps({"prompts": count, "rendered": library.rendered, "cache": str(config.data_dir / "prompts-cache")}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="IVR voice gateway: phone calls into video rooms")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +141,22 @@ def parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("voice_id")
     c.set_defaults(func=cmd_cdr)
+
+    rooms = sub.add_parser("rooms", help="the embedded room store").add_subparsers(dest="rooms_command", required=True)
+    create = rooms.add_parser("create", help="create a room (JSON with room_id and sip: meeting_id, pin, mpin)")
+    common(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--no-sip", action="store_true", help="a room without dial-in")
+    create.add_argument("--meeting-id", help="use this meeting ID (digits) instead of a random one")
+    create.set_defaults(func=cmd_rooms_create)
+    listing = rooms.add_parser("list", help="all rooms (JSON)")
+    common(listing)
+    listing.set_defaults(func=cmd_rooms_list)
+
+    prompts = sub.add_parser("prompts", help="spoken prompts").add_subparsers(dest="prompts_command", required=True)
+    render = prompts.add_parser("render", help="pre-render every project's prompts into the cache")
+    common(render)
+    render.set_defaults(func=cmd_prompts_render)
     return p
 
 

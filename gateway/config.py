@@ -58,6 +58,33 @@ class DataConfig:
 
 
 @dataclass
+class IvrConfig:
+    attempts: int = 3  # per step (meeting ID, PIN)
+    first_digit_timeout_ms: int = 10000
+    inter_digit_timeout_ms: int = 5000
+    max_digits: int = 16
+    prompts_dir: str = "prompts"  # texts <lang>.toml and recorded overrides <lang>/<key>.wav
+    pin_failures_per_caller: int = 10  # failed PINs allowed per caller number ...
+    pin_failures_per_meeting: int = 30  # ... and per meeting ...
+    pin_failure_window_s: int = 900  # ... within this window; beyond, attempts are refused
+
+
+@dataclass
+class RoomsConfig:
+    meeting_id_digits: int = 9
+    pin_digits: int = 6
+
+
+@dataclass
+class DirectoryConfig:
+    kind: str = "embedded"  # embedded (local rooms) | http (an external room service)
+    url: str = ""
+    username: str = ""
+    password: str = ""
+    timeout_ms: int = 3000
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -110,6 +137,9 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     data: DataConfig = field(default_factory=DataConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    ivr: IvrConfig = field(default_factory=IvrConfig)
+    rooms: RoomsConfig = field(default_factory=RoomsConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     trunks: list[TrunkConfig] = field(
         default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
     )
@@ -240,6 +270,17 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"log.level: must be debug, info, warning or error, not {c.log.level!r}")
     if c.log.format not in ("json", "text"):
         raise ConfigError(f"log.format: must be json or text, not {c.log.format!r}")
+    if c.ivr.attempts < 1 or c.ivr.max_digits < 1:
+        raise ConfigError("ivr.attempts/ivr.max_digits: must be at least 1")
+    for key in ("first_digit_timeout_ms", "inter_digit_timeout_ms"):
+        if not 500 <= getattr(c.ivr, key) <= 120000:
+            raise ConfigError(f"ivr.{key}: must be between 500 and 120000")
+    if not 4 <= c.rooms.meeting_id_digits <= 16 or not 4 <= c.rooms.pin_digits <= 12:
+        raise ConfigError("rooms.meeting_id_digits (4-16) / rooms.pin_digits (4-12): out of range")
+    if c.directory.kind not in ("embedded", "http"):
+        raise ConfigError(f"directory.kind: must be embedded or http, not {c.directory.kind!r}")
+    if c.directory.kind == "http" and not c.directory.url.startswith(("http://", "https://")):
+        raise ConfigError("directory.url: an http(s):// URL is required when directory.kind = \"http\"")
     projects = {p.name for p in c.projects}
     for i, t in enumerate(c.trunks):
         if not t.name:

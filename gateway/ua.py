@@ -17,6 +17,7 @@ from .call import Call, CallEnded
 from .cdr import CdrStore
 from .config import Config, DidConfig, TrunkConfig
 from .media.clock import MediaClock
+from .media.dtmf import parse_info
 from .media.ports import PortAllocator, PortsExhausted
 from .media.session import RtpSession
 from .sip.auth import DigestServer
@@ -64,7 +65,6 @@ class UserAgent:
         self.accepting = True
         self.allow = ALLOW
         self.media_host = config.sip.public_host or config.sip.host
-        self.info_handlers: list[Callable[[Call, Request], None]] = []
         self.trusted_sources: dict[str, TrunkConfig] = {}  # registrar addresses (REGISTER client)
 
     async def start(self) -> None:
@@ -382,5 +382,6 @@ class UserAgent:
         self._flush()
 
     def on_info(self, call: Call, request: Request) -> None:
-        for handler in self.info_handlers:
-            handler(call, request)
+        digit = parse_info(request.content_type, request.body)
+        if digit is not None and call.audio is not None:
+            call.audio.digit(digit, "info")

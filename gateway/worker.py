@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
 from . import log
 from .apps.echo import echo
+from .apps.ivr import IvrServices, make_dial_in
 from .cdr import CdrStore
 from .config import Config
+from .guard import AttemptLimiter
 from .http import make_app
 from .media.clock import MediaClock
+from .prompts import PromptError, PromptLibrary
 from .registration import Registration
+from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
 from .ua import App, UserAgent
 
 logger = logging.getLogger("gateway.worker")
@@ -26,8 +31,19 @@ class Worker:
         self.name = name
         self.cdr = CdrStore(config.data_dir, worker=name)
         self.clock = MediaClock()
-        apps: dict[str, App] = {"echo": echo}
+        self.rooms = RoomStore(config.data_dir)
+        self.prompts = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
+        d = config.directory
+        self.directory: Directory = (
+            HttpDirectory(d.url, d.username, d.password, d.timeout_ms / 1000) if d.kind == "http"
+            else EmbeddedDirectory(self.rooms)
+        )
+        ivr = config.ivr
+        limiter = AttemptLimiter(ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
+        dial_in = make_dial_in(IvrServices(config, self.prompts, self.directory, limiter, self.rooms))
+        apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
+        self._prerender: asyncio.Task[None] | None = None
         self.registrations = [Registration(self.ua, t) for t in config.trunks if t.register is not None]
         self.ready = False
         self._runner: web.AppRunner | None = None
@@ -46,13 +62,25 @@ class Worker:
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
         await site.start()
         self.ready = True
+        self._prerender = asyncio.get_running_loop().create_task(self._render_prompts())
         sip = self.config.sip
         log.event(logger, "worker.started", worker=self.name, sip=f"{sip.host}:{sip.port}", transports=sip.transports,
                   http=f"{self.config.http.host}:{self.config.http.port}", config=self.config.source,
                   data_dir=str(self.config.data_dir), rtp=f"{self.config.rtp.port_min}-{self.config.rtp.port_max}")
 
+    async def _render_prompts(self) -> None:
+        """Pre-render every project's prompts in the background (calls render on demand meanwhile)."""
+        combos = sorted({(p.language, p.voice_type, p.welcome_text) for p in self.config.projects})
+        try:
+            count = await self.prompts.render_all(combos)
+            log.event(logger, "prompts.ready", prompts=count, rendered=self.prompts.rendered)
+        except PromptError as exc:
+            log.event(logger, "prompts.unavailable", logging.ERROR, error=str(exc))
+
     async def stop(self) -> None:
         self.ready = False
+        if self._prerender:
+            self._prerender.cancel()
         for registration in self.registrations:
             registration.stop()
         self.ua.close()
@@ -60,6 +88,10 @@ class Worker:
         if self._runner:
             await self._runner.cleanup()
         self.cdr.close()
+        self.prompts.close()
+        self.rooms.close()
+        if isinstance(self.directory, HttpDirectory):
+            await self.directory.close()
         log.event(logger, "worker.stopped", worker=self.name)
 
     async def run_forever(self) -> None:
