@@ -163,3 +163,100 @@ def _matches(heard: np.ndarray, prompt: np.ndarray) -> bool:
     a, b = heard[:n], prompt[:n]
     best = max(abs(np.corrcoef(a[k:], b[: n - k])[0, 1]) for k in range(0, 400, 1) if np.std(a[k:]) > 0)
     return best > 0.9
+
+
+def test_star_clears_and_timeouts_count_as_attempts(tmp_path: Path) -> None:
+    cfg = make_test_config().replace("first_digit_timeout_ms = 10000", "first_digit_timeout_ms = 1500")
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        room = create_room(gw)
+        # "12*" is cleared, then the right meeting ID; then silence: the PIN step times out three times
+        sf = ivr_scenario(tmp_path, [rfc4733("12*" + room["sip"]["meeting_id"] + "#")], end="gateway", tail=60000)
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=90)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+        evs = events(gw)
+        states = [e["state"] for e in evs]
+        assert "meeting_id_accepted" in states and "meeting_id_invalid" not in states
+        assert states.count("pin_invalid") == 3 and evs[-1]["reason"] == "too_many_pin_attempts"
+    finally:
+        stop_gateway(gw)
+
+
+def test_pin_guessing_limit_refuses_further_attempts(tmp_path: Path) -> None:
+    cfg = make_test_config().replace("pin_failures_per_caller = 10", "pin_failures_per_caller = 2")
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        room = create_room(gw)
+        wrong = "0000000"  # 7 digits: never a 6-digit PIN
+        steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(wrong + "#"), rfc4733(wrong + "#")]
+        sf = ivr_scenario(tmp_path, steps, end="gateway", tail=20000)
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=90)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+        evs = events(gw)
+        blocked = [e for e in evs if e["state"] == "pin_blocked"]
+        assert blocked and blocked[0]["limit"] == "caller"
+        assert evs[-1]["reason"] == "pin_attempts_blocked"
+    finally:
+        stop_gateway(gw)
+
+
+def test_fixed_room_did_asks_pin_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    out = subprocess.run([sys.executable, "-m", "gateway", "rooms", "create", "--name", "fixed", "--data-dir", str(data)],
+                         capture_output=True, timeout=30, cwd=ROOT, check=True).stdout
+    room = json.loads(out)
+    cfg = make_test_config() + f'\n[[dids]]\nnumber = "15550100003"\nroute = "room"\nproject = "demo"\nroom_id = "{room["room_id"]}"\n'
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        sf = ivr_scenario(tmp_path, [rfc4733(room["sip"]["pin"] + "#")])
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", "15550100003", "-m", "1", timeout=60)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+        assert validated(events(gw))["room_id"] == room["room_id"]
+    finally:
+        stop_gateway(gw)
+
+
+def test_http_directory(tmp_path: Path) -> None:
+    """An external room service speaking the documented directory protocol (a small aiohttp app)."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    seen: list[str] = []
+
+    async def meeting(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"room_id": "ext-room"}) if request.match_info["mid"] == "4242" else web.json_response({}, status=404)
+
+    async def verify(request: web.Request) -> web.Response:
+        pin = (await request.json())["pin"]
+        role = {"1111": "participant", "2222": "moderator"}.get(pin)
+        return web.json_response({"room_id": "ext-room", "role": role}) if role else web.json_response({}, status=403)
+
+    app = web.Application()
+    app.router.add_get("/dir/meetings/{mid}", meeting)
+    app.router.add_post("/dir/meetings/{mid}/verify", verify)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    cfg = make_test_config().replace('kind = "embedded"', 'kind = "http"').replace(
+        'url = ""', f'url = "http://127.0.0.1:{port}/dir"').replace('username = ""\npassword = ""\ntimeout', 'username = "gw"\npassword = "pw"\ntimeout')
+    gw = start_gateway(tmp_path, cfg)
+    try:
+        sf = ivr_scenario(tmp_path, [rfc4733("4242#"), rfc4733("2222#")])
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=60)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+        v = validated(events(gw))
+        assert (v["room_id"], v["role"]) == ("ext-room", "moderator")
+        assert seen and seen[0].startswith("Basic ")
+    finally:
+        stop_gateway(gw)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)

@@ -63,3 +63,15 @@ def test_recorded_prompt_overrides_tts(tmp_path: Path) -> None:
     write_wav(cached, np.zeros(800, dtype=np.int16))
     assert asyncio.run(lib.pcm("x", text="Hello"))[0] == cached and lib.rendered == 0  # a cache hit renders nothing
     lib.close()
+
+
+def test_missing_espeak_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    from gateway import prompts as mod
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    lib = PromptLibrary(Path("prompts"), tmp_path / "cache")
+    with pytest.raises(mod.PromptError, match="espeak-ng"):
+        asyncio.run(lib.pcm("goodbye"))
+    lib.close()
