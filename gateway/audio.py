@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ def hold_music(seconds: float = 4.0) -> np.ndarray:
 
 
 _HOLD = hold_music()
+_SILENT_PCM = np.zeros(FRAME, dtype=np.int16)
 
 
 class CallAudio:
@@ -54,6 +56,7 @@ class CallAudio:
         self._hold: bytes | None = None
         self._hold_pos = 0
         self.digit_count = {"rfc4733": 0, "info": 0, "inband": 0}
+        self.leg: Any = None  # the room leg once bridged (gateway.bridge.RoomLeg)
         media.handler = self
         media.on_telephone_event = self.on_telephone_event
 
@@ -74,10 +77,15 @@ class CallAudio:
 
     # -- the frame handler (called by the media clock)
     def __call__(self, frame: bytes | None) -> bytes:
-        if frame is not None and self.detector is not None and not self.merger.saw_rfc4733:
-            digit = self.detector.feed(g711.decode(self.codec, frame))
+        pcm = g711.decode(self.codec, frame) if frame is not None else None
+        if pcm is not None and self.detector is not None and not self.merger.saw_rfc4733:
+            digit = self.detector.feed(pcm)
             if digit is not None:
                 self.digit(digit, "inband")
+        room = None
+        if self.leg is not None:
+            self.leg.push(pcm if pcm is not None else _SILENT_PCM)  # a steady stream toward the room
+            room = self.leg.pull()
         if self._done is not None:
             chunk = self._audio[self._pos : self._pos + FRAME]
             self._pos += FRAME
@@ -90,7 +98,13 @@ class CallAudio:
             chunk = self._hold[self._hold_pos : self._hold_pos + FRAME]
             self._hold_pos = (self._hold_pos + FRAME) % (len(self._hold) - len(self._hold) % FRAME)
             return chunk
+        if room is not None:
+            return g711.encode(self.codec, room)
         return self.silence
+
+    def bridge(self, leg: Any) -> None:
+        """From now on the caller hears the room (when no prompt or hold audio plays) and the room the caller."""
+        self.leg = leg
 
     # -- output
     def _finish(self, interrupted: bool) -> None:

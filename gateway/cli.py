@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,7 +48,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(Worker(config, name=args.name).run_forever())
+    rooms = None
+    if config.room_service.embedded:
+        from .roomservice.server import service_secrets
+
+        service_secrets(config)  # create the shared secrets before the room service reads them
+        cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(config.data_dir),
+               "--port", str(config.room_service.port)]
+        if args.config is not None or DEFAULT_CONFIG.exists():
+            cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
+        rooms = subprocess.Popen(cmd)  # its own process: media mixing never shares our interpreter lock
+    try:
+        asyncio.run(Worker(config, name=args.name).run_forever())
+    finally:
+        if rooms is not None:
+            rooms.terminate()
+            try:
+                rooms.wait(10)
+            except subprocess.TimeoutExpired:
+                rooms.kill()
     return 0
 
 
@@ -93,6 +112,17 @@ def cmd_rooms_list(args: argparse.Namespace) -> int:
     store = RoomStore(_config(args).data_dir)
     print(json.dumps(store.list(), indent=2))
     store.close()
+    return 0
+
+
+def cmd_rooms_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.port is not None:
+        config.room_service.port = args.port
+    log.setup(config.log.level, config.log.format)
+    from .roomservice.server import serve
+
+    serve(config)
     return 0
 
 
@@ -149,6 +179,10 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--no-sip", action="store_true", help="a room without dial-in")
     create.add_argument("--meeting-id", help="use this meeting ID (digits) instead of a random one")
     create.set_defaults(func=cmd_rooms_create)
+    serve = rooms.add_parser("serve", help="run the embedded room service (Video API, room page, media)")
+    common(serve)
+    serve.add_argument("--port", type=int, help="HTTP port (default: room_service.port)")
+    serve.set_defaults(func=cmd_rooms_serve)
     listing = rooms.add_parser("list", help="all rooms (JSON)")
     common(listing)
     listing.set_defaults(func=cmd_rooms_list)

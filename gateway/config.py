@@ -85,6 +85,31 @@ class DirectoryConfig:
 
 
 @dataclass
+class MenuConfig:
+    """In-call keypad menu: `*` then the key. Everyone: mute_self, help, count; moderators also the rest."""
+
+    mute_self: str = "6"
+    help: str = "1"
+    count: str = "#"
+    mute_all: str = "4"
+    lock: str = "5"
+    unmute_all: str = "9"
+
+
+@dataclass
+class RoomServiceConfig:
+    embedded: bool = True  # `gateway run` starts `gateway rooms serve` beside the worker
+    host: str = "127.0.0.1"
+    port: int = 8090
+    url: str = ""  # how the gateway and browsers reach it; empty = http://host:port
+    api_user: str = "demo"
+    api_key: str = ""  # empty: generated once into DATA_DIR/room-service.json
+    secret: str = ""  # gateway <-> room service token secret; empty: generated into the same file
+    ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])  # WebRTC host candidates; [] = all
+    mask_digits: int = 4  # a phone participant is shown as its caller number's last N digits
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -140,6 +165,8 @@ class Config:
     ivr: IvrConfig = field(default_factory=IvrConfig)
     rooms: RoomsConfig = field(default_factory=RoomsConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    room_service: RoomServiceConfig = field(default_factory=RoomServiceConfig)
+    menu: MenuConfig = field(default_factory=MenuConfig)
     trunks: list[TrunkConfig] = field(
         default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
     )
@@ -180,6 +207,10 @@ def _convert(value: object, hint: object, where: str) -> object:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: must be a list")
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, not {value!r}")
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: must be an integer, not {value!r}")
@@ -206,8 +237,10 @@ def _env_overrides(data: dict[str, typing.Any], environ: typing.Mapping[str, str
     for name, raw in environ.items():
         if not name.startswith("GATEWAY_"):
             continue
-        section, _, key = name[len("GATEWAY_") :].lower().partition("_")
-        if section not in sections or not key:
+        rest = name[len("GATEWAY_") :].lower()
+        section = max((s for s in sections if rest.startswith(s + "_")), key=len, default="")
+        key = rest[len(section) + 1 :]
+        if not section or not key:
             continue
         try:
             value: object = tomllib.loads(f"v = {raw}")["v"]
@@ -281,6 +314,14 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"directory.kind: must be embedded or http, not {c.directory.kind!r}")
     if c.directory.kind == "http" and not c.directory.url.startswith(("http://", "https://")):
         raise ConfigError("directory.url: an http(s):// URL is required when directory.kind = \"http\"")
+    keys = [getattr(c.menu, f.name) for f in dataclasses.fields(MenuConfig)]
+    if any(len(k) != 1 or k not in "0123456789#" for k in keys) or len(set(keys)) != len(keys):
+        raise ConfigError("menu: each action needs its own key, one of 0-9 or #")
+    port(c.room_service.port, "room_service.port")
+    for i, addr in enumerate(c.room_service.ice_addresses):
+        _check_ip(addr, f"room_service.ice_addresses[{i}]")
+    if not 0 <= c.room_service.mask_digits <= 15:
+        raise ConfigError("room_service.mask_digits: 0 to 15")
     projects = {p.name for p in c.projects}
     for i, t in enumerate(c.trunks):
         if not t.name:

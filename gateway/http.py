@@ -22,6 +22,8 @@ def make_app(worker: Worker) -> web.Application:
             "active_calls": len(worker.ua.calls),
             "rtp_ports_in_use": worker.ua.ports.in_use,
             "registrations": {r.trunk.name: r.state for r in worker.registrations},
+            "media_clock": {"ticks": worker.clock.ticks, "skipped": worker.clock.skipped,
+                            "lateness": worker.clock.lateness_percentiles()},
         })
 
     app.router.add_get("/healthz", healthz)

@@ -315,11 +315,11 @@ class UserAgent:
 
     def _start_call(self, request: Request, txn: ServerInviteTransaction, source: Target, trunk: TrunkConfig, did: DidConfig) -> None:
         from_ = request.from_
-        call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project)
+        caller = from_.uri.user or from_.uri.host
+        call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller)
         self.calls[call.voice_id] = call
         call.pending_key = id(txn)
         self.pending[id(txn)] = call
-        caller = from_.uri.user or from_.uri.host
         self.cdr.open_call(call.voice_id, "inbound", **{"from": caller, "to": did.number, "did": did.number,
                            "trunk": trunk.name, "project": did.project, "source": f"{source.host}:{source.port}",
                            "transport": source.transport, "call_id": request.call_id, "route": did.route})

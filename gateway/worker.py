@@ -12,6 +12,7 @@ from aiohttp import web
 from . import log
 from .apps.echo import echo
 from .apps.ivr import IvrServices, make_dial_in
+from .bridge import EmbeddedRoomConnector
 from .cdr import CdrStore
 from .config import Config
 from .guard import AttemptLimiter
@@ -20,6 +21,7 @@ from .media.clock import MediaClock
 from .prompts import PromptError, PromptLibrary
 from .registration import Registration
 from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
+from .roomservice.server import restrict_ice, service_secrets
 from .ua import App, UserAgent
 
 logger = logging.getLogger("gateway.worker")
@@ -40,7 +42,11 @@ class Worker:
         )
         ivr = config.ivr
         limiter = AttemptLimiter(ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
-        dial_in = make_dial_in(IvrServices(config, self.prompts, self.directory, limiter, self.rooms))
+        connector = None
+        if config.room_service.embedded or config.room_service.url:
+            restrict_ice(config.room_service.ice_addresses)
+            connector = EmbeddedRoomConnector(config, service_secrets(config)["secret"])
+        dial_in = make_dial_in(IvrServices(config, self.prompts, self.directory, limiter, self.rooms, connector))
         apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
         self._prerender: asyncio.Task[None] | None = None

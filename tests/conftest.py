@@ -54,6 +54,7 @@ class Gateway:
     rtp_range: tuple[int, int]
     data_dir: Path
     log_path: Path
+    rooms_port: int = 0
 
     @property
     def sip(self) -> str:
@@ -89,7 +90,7 @@ class Gateway:
 
 
 def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> Gateway:
-    sip_port, http_port = free_port(), free_port()
+    sip_port, http_port, rooms_port = free_port(), free_port(), free_port()
     rtp_low = random.randrange(30000, 58000, 2)
     rtp = (rtp_low, rtp_low + 1200)
     data = tmp / "data"
@@ -101,8 +102,8 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
         args += ["--config", str(cfg)]
     log_path = tmp / "gateway.log"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-    gw = Gateway(proc, sip_port, http_port, rtp, data, log_path)
+                            env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port), **(env or {})})
+    gw = Gateway(proc, sip_port, http_port, rtp, data, log_path, rooms_port)
 
     def healthy() -> bool:
         if proc.poll() is not None:

@@ -2,7 +2,8 @@
 
     answer -> welcome -> "enter the meeting ID followed by #"  (3 attempts)
            -> "enter the PIN followed by #"                     (3 attempts; pin: participant, mpin: moderator)
-           -> "joining" -> the room (hold audio until the bridge takes over)
+           -> "joining" -> the room (hold audio and the waiting prompt while a moderator is awaited)
+           -> in-call keypad menu (*6 mute, *1 help, *# count; moderators *4 mute all, *5 lock, *9 unmute all)
 
 Typing interrupts a prompt; "*" clears the entry; first-digit and inter-digit timeouts apply. After the last
 failed attempt: the too-many-attempts prompt, then BYE. A DID with route "room" skips the meeting ID.
@@ -10,13 +11,16 @@ failed attempt: the too-many-attempts prompt, then BYE. A DID with route "room" 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..audio import CallAudio
-from ..call import Call
-from ..config import Config, DidConfig, ProjectConfig
+from ..bridge import RoomConnector, RoomError, RoomLeg, masked_number
+from ..call import Call, CallEnded
+from ..config import Config, DidConfig, MenuConfig, ProjectConfig
 from ..guard import AttemptLimiter
 from ..prompts import PromptError, PromptLibrary
 from ..rooms import Directory, DirectoryUnavailable, RoomStore
@@ -29,6 +33,7 @@ class IvrServices:
     directory: Directory
     limiter: AttemptLimiter
     rooms: RoomStore | None = None
+    connector: RoomConnector | None = None
 
 
 class DialIn:
@@ -43,7 +48,7 @@ class DialIn:
         trunk = next(t for t in services.config.trunks if t.name == call.info["trunk"])
         self.audio = CallAudio(call.media, trunk.dtmf, call.voice_id)
         call.audio = self.audio
-        self.caller = str(call.info.get("from", ""))
+        self.caller = str(call.info["caller"])
 
     async def say(self, key: str, interruptible: bool = True, **values: Any) -> bool:
         text = self.project.welcome_text if key == "welcome" and self.project.welcome_text else None
@@ -79,8 +84,11 @@ class DialIn:
             return await self.goodbye("service_unavailable", "directory_unavailable", error=str(exc))
         call.record("validated", room_id=room_id, role=role, meeting_id=meeting_id)
         await self.say("joining", interruptible=False)
-        self.audio.hold()  # until the bridge to the room takes the media over
-        await call.ended.wait()
+        self.audio.hold()  # while the WebRTC leg connects
+        if self.s.connector is None:
+            await call.ended.wait()  # no room service: the caller stays on hold
+            return
+        await InRoom(self, room_id, role).run()
 
     async def meeting_id(self) -> str | None:
         if self.did.route == "room":
@@ -116,6 +124,112 @@ class DialIn:
                 await self.say("invalid_pin")
         await self.goodbye("too_many_attempts", "too_many_pin_attempts")
         return None
+
+
+class InRoom:
+    """A validated caller in the room: bridged audio, the keypad menu, removal and closing notices."""
+
+    def __init__(self, ivr: DialIn, room_id: str, role: str) -> None:
+        self.ivr = ivr
+        self.call = ivr.call
+        self.audio = ivr.audio
+        self.room_id = room_id
+        self.role = role
+        self.leg: RoomLeg | None = None
+        self.moderator_here = asyncio.Event()
+        self.ending: asyncio.Task[None] | None = None
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "state" and event.get("moderator_present"):
+            self.moderator_here.set()
+        elif kind in ("removed", "room_closed", "disconnected") and self.ending is None and not self.call.ended.is_set():
+            key, reason = {"removed": ("removed", "removed_from_room"), "room_closed": ("room_closed", "room_closed"),
+                           "disconnected": ("service_unavailable", "room_disconnected")}[kind]
+            self.ending = asyncio.get_running_loop().create_task(self.ivr.goodbye(key, reason))
+
+    def me(self) -> dict[str, Any]:
+        state = self.leg.state if self.leg else {}
+        pid = self.leg.participant_id if self.leg else ""
+        return next((p for p in state.get("participants", []) if p.get("id") == pid), {})
+
+    async def run(self) -> None:
+        cfg = self.ivr.s.config
+        name = masked_number(self.ivr.caller, cfg.room_service.mask_digits)
+        try:
+            self.leg = await self.ivr.s.connector.join(self.room_id, self.role, name, self.on_event)  # type: ignore[union-attr]
+        except RoomError as exc:
+            self.call.record("room_join_failed", logging.ERROR, room_id=self.room_id, error=str(exc))
+            return await self.ivr.goodbye("service_unavailable", "room_join_failed", error=str(exc))
+        self.call.record("joined", room_id=self.room_id, role=self.role, participant_id=self.leg.participant_id)
+        menu = asyncio.get_running_loop().create_task(self.menu())
+        try:
+            state = self.leg.state
+            if self.role != "moderator" and state.get("wait_for_moderator") and not state.get("moderator_present"):
+                self.call.record("waiting_for_moderator", room_id=self.room_id)
+                self.audio.hold(False)
+                await self.ivr.say("waiting_for_moderator", interruptible=False)
+                self.audio.hold()
+                await self._until(self.moderator_here)
+            self.audio.hold(False)
+            self.audio.bridge(self.leg)
+            await self.call.ended.wait()
+        finally:
+            menu.cancel()
+            self.audio.leg = None
+            await self.leg.leave()
+            if self.call.ended.is_set() or self.ending is not None:
+                self.call.ua.cdr.event(self.call.voice_id, "left", room_id=self.room_id, **self.leg.stats())
+
+    async def _until(self, event: asyncio.Event) -> None:
+        ended = asyncio.ensure_future(self.call.ended.wait())
+        wanted = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({ended, wanted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            wanted.cancel()
+
+    async def menu(self) -> None:
+        keys = {getattr(self.ivr.s.config.menu, f.name): f.name for f in dataclasses.fields(MenuConfig)}
+        while True:
+            if await self.audio.digits.get() != "*":
+                continue
+            try:
+                key = await asyncio.wait_for(self.audio.digits.get(), 3.0)
+            except TimeoutError:
+                continue
+            action = keys.get(key)
+            if action is None:
+                continue
+            try:
+                await self.act(action)
+            except CallEnded:
+                return
+
+    async def act(self, action: str) -> None:
+        assert self.leg is not None
+        if action in ("mute_all", "lock", "unmute_all") and self.role != "moderator":
+            await self.ivr.say("not_allowed")
+            return
+        if action == "mute_self":
+            muted = not self.me().get("muted", False)
+            await self.leg.command({"type": "mute", "participant_id": self.leg.participant_id, "muted": muted})
+            self.call.record("muted" if muted else "unmuted", room_id=self.room_id)
+            await self.ivr.say("muted" if muted else "unmuted")
+        elif action == "help":
+            await self.ivr.say("menu_help")
+        elif action == "count":
+            await self.ivr.say("participant_count", count=len(self.leg.state.get("participants", [])))
+        elif action in ("mute_all", "unmute_all"):
+            await self.leg.command({"type": "mute_all", "muted": action == "mute_all"})
+            self.call.record(action, room_id=self.room_id)
+            await self.ivr.say("all_muted" if action == "mute_all" else "all_unmuted")
+        elif action == "lock":
+            locked = not self.leg.state.get("locked", False)
+            await self.leg.command({"type": "lock", "locked": locked})
+            self.call.record("room_locked" if locked else "room_unlocked", room_id=self.room_id)
+            await self.ivr.say("room_locked" if locked else "room_unlocked")
 
 
 def make_dial_in(services: IvrServices):  # type: ignore[no-untyped-def]

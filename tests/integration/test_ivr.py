@@ -195,6 +195,12 @@ def test_pin_guessing_limit_refuses_further_attempts(tmp_path: Path) -> None:
         evs = events(gw)
         blocked = [e for e in evs if e["state"] == "pin_blocked"]
         assert blocked and blocked[0]["limit"] == "caller"
+        # the limit is per caller number: another number may still try
+        room2 = create_room(gw)
+        sf2 = ivr_scenario(tmp_path, [rfc4733(room2["sip"]["meeting_id"] + "#"), rfc4733(room2["sip"]["pin"] + "#")],
+                           caller="15559990000")
+        r2 = run_sipp(gw.sip, "-sf", str(sf2), "-s", IVR_DID, "-m", "1", timeout=90)
+        assert r2.returncode == 0, r2.stdout[-2000:]
         assert evs[-1]["reason"] == "pin_attempts_blocked"
     finally:
         stop_gateway(gw)

@@ -231,7 +231,9 @@ def test_config_errors_name_file_and_key(tmp_path) -> None:  # type: ignore[no-u
 
 def test_config_env_overrides_and_did_lookup() -> None:
     c = load_config(None, environ={"GATEWAY_SIP_PORT": "5070", "GATEWAY_RTP_PORT_MIN": "25000",
-                                   "GATEWAY_SIP_TRANSPORTS": '["udp"]', "GATEWAY_LOG_LEVEL": "debug"})
+                                   "GATEWAY_SIP_TRANSPORTS": '["udp"]', "GATEWAY_LOG_LEVEL": "debug",
+                                   "GATEWAY_ROOM_SERVICE_PORT": "9999", "GATEWAY_ROOM_SERVICE_EMBEDDED": "false"})
+    assert c.room_service.port == 9999 and c.room_service.embedded is False
     assert c.sip.port == 5070 and c.rtp.port_min == 25000 and c.sip.transports == ["udp"] and c.log.level == "debug"
     with pytest.raises(ConfigError):
         load_config(None, environ={"GATEWAY_SIP_PORT": "x"})

@@ -1,0 +1,318 @@
+"""The embedded room service: an EnableX-style Video API subset, WebRTC signalling over a WebSocket, the
+room page, and moderation. It runs in its own process (`gateway rooms serve`; `gateway run` starts it
+beside the worker), so its media work never shares the gateway's interpreter lock.
+
+REST (HTTP Basic with the service's api_user/api_key):
+    POST   /video/v1/rooms                          {name, settings: {sip: {enabled}, wait_for_moderator}}
+    GET    /video/v1/rooms/{room_id}
+    GET    /video/v1/rooms/{room_id}/participants
+    DELETE /video/v1/rooms/{room_id}
+Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
+    GET    /rooms/{room_id}          the web page
+    GET    /rooms/{room_id}/ws       JSON messages: join (with an SDP offer), mute, mute_all, lock, remove, leave
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import aioice.ice
+from aiohttp import WSMsgType, web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from .. import log
+from ..config import Config
+from ..rooms import RoomStore
+from .mixer import Participant, Room, RoomClock
+
+logger = logging.getLogger("gateway.rooms")
+PAGE = Path(__file__).parent / "static" / "room.html"
+MAX_NAME = 64
+
+
+def restrict_ice(addresses: list[str]) -> None:
+    """Gather ICE host candidates only on these addresses (aioice otherwise skips loopback)."""
+    if addresses:
+        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)  # type: ignore[assignment]
+
+
+def service_secrets(config: Config) -> dict[str, str]:
+    """The API key and the gateway<->service secret: from config, else generated once into the data dir."""
+    rs = config.room_service
+    path = config.data_dir / "room-service.json"
+    stored: dict[str, str] = {}
+    if path.exists():
+        stored = json.loads(path.read_text())
+    changed = False
+    for key in ("api_key", "secret"):
+        if getattr(rs, key):
+            stored[key] = getattr(rs, key)
+        elif key not in stored:
+            stored[key] = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+            changed = True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(stored, f)
+    return stored
+
+
+def host_token(secret: str, room_id: str) -> str:
+    return hmac.new(secret.encode(), f"host:{room_id}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def phone_token(secret: str, room_id: str, role: str) -> str:
+    return hmac.new(secret.encode(), f"phone:{room_id}:{role}".encode(), hashlib.sha256).hexdigest()
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class RoomService:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = RoomStore(config.data_dir)
+        secrets = service_secrets(config)
+        self.api_key, self.secret = secrets["api_key"], secrets["secret"]
+        self.rooms: dict[str, Room] = {}
+        self.clock = RoomClock(self.rooms)
+        restrict_ice(config.room_service.ice_addresses)
+
+    def base_url(self) -> str:
+        rs = self.config.room_service
+        return rs.url or f"http://{rs.host}:{rs.port}"
+
+    def room_json(self, room: dict[str, Any]) -> dict[str, Any]:
+        live = self.rooms.get(room["room_id"])
+        out = dict(room)
+        out["links"] = {"join": f"{self.base_url()}/rooms/{room['room_id']}",
+                        "host": f"{self.base_url()}/rooms/{room['room_id']}?host={host_token(self.secret, room['room_id'])}"}
+        out["participants"] = len(live.participants) if live else 0
+        return out
+
+    # -- REST
+    @web.middleware
+    async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/video/"):
+            header = request.headers.get("Authorization", "")
+            ok = False
+            if header.startswith("Basic "):
+                try:
+                    user, _, key = base64.b64decode(header[6:]).decode().partition(":")
+                    ok = hmac.compare_digest(user, self.config.room_service.api_user) and hmac.compare_digest(key, self.api_key)
+                except (ValueError, UnicodeDecodeError):
+                    ok = False
+            if not ok:
+                r = error(401, "unauthorized", "HTTP Basic credentials (api_user:api_key) required")
+                r.headers["WWW-Authenticate"] = 'Basic realm="rooms"'
+                return r
+        return await handler(request)
+
+    async def create_room(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "invalid_json", "the body must be JSON")
+        if not isinstance(body, dict):
+            return error(400, "invalid_body", "the body must be a JSON object")
+        name = body.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            return error(400, "invalid_name", f"name: a string of 1-{MAX_NAME} characters")
+        settings = body.get("settings", {})
+        if not isinstance(settings, dict):
+            return error(400, "invalid_settings", "settings: an object")
+        sip = settings.get("sip", {})
+        if not isinstance(sip, dict) or not isinstance(sip.get("enabled", False), bool):
+            return error(400, "invalid_settings", "settings.sip.enabled: a boolean")
+        wait = settings.get("wait_for_moderator", False)
+        if not isinstance(wait, bool):
+            return error(400, "invalid_settings", "settings.wait_for_moderator: a boolean")
+        rooms = self.config.rooms
+        room = await asyncio.to_thread(self.store.create, name, bool(sip.get("enabled")), rooms.meeting_id_digits,
+                                       rooms.pin_digits, {"wait_for_moderator": wait})
+        log.event(logger, "room.created", room_id=room["room_id"], sip=bool(sip.get("enabled")))
+        return web.json_response(self.room_json(room), status=201)
+
+    async def get_room(self, request: web.Request) -> web.Response:
+        room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
+        if room is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        return web.json_response(self.room_json(room))
+
+    async def participants(self, request: web.Request) -> web.Response:
+        room_id = request.match_info["room_id"]
+        if await asyncio.to_thread(self.store.get, room_id) is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        live = self.rooms.get(room_id)
+        return web.json_response({"room_id": room_id, "participants": [p.public() for p in live.participants.values()] if live else []})
+
+    async def delete_room(self, request: web.Request) -> web.Response:
+        room_id = request.match_info["room_id"]
+        if not await asyncio.to_thread(self.store.delete, room_id):
+            return error(404, "room_not_found", "no room with this room_id")
+        live = self.rooms.pop(room_id, None)
+        if live is not None:
+            await live.broadcast({"type": "room_closed"})
+            for p in list(live.participants.values()):
+                await self._close(live, p)
+        log.event(logger, "room.deleted", room_id=room_id)
+        return web.json_response({"room_id": room_id, "state": "deleted"})
+
+    # -- page
+    async def page(self, request: web.Request) -> web.Response:
+        room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
+        if room is None:
+            return web.Response(status=404, text="No such room.", content_type="text/plain")
+        return web.Response(text=PAGE.read_text(), content_type="text/html")
+
+    # -- signalling
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        room_id = request.match_info["room_id"]
+        record = await asyncio.to_thread(self.store.get, room_id)
+        if record is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=256 * 1024)
+        await ws.prepare(request)
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = Room(room_id, record.get("settings", {}))
+        me: Participant | None = None
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                    if not isinstance(data, dict):
+                        raise ValueError
+                except ValueError:
+                    await ws.send_json({"type": "error", "message": "messages are JSON objects"})
+                    continue
+                if data.get("type") == "join" and me is None:
+                    me = await self._join(room, ws, data, request.query.get("host", ""))
+                elif me is not None:
+                    await self._command(room, me, data)
+                    if data.get("type") == "leave":
+                        break
+        finally:
+            if me is not None:
+                await self._close(room, me)
+            if not room.participants and self.rooms.get(room_id) is room:
+                del self.rooms[room_id]
+        return ws
+
+    async def _join(self, room: Room, ws: web.WebSocketResponse, data: dict[str, Any], host: str) -> Participant | None:
+        kind = data.get("kind", "browser")
+        role = "participant"
+        name = str(data.get("name") or "Guest")[:MAX_NAME]
+        token = str(data.get("token", ""))
+        if kind == "phone":
+            wanted = data.get("role", "participant")
+            if wanted not in ("participant", "moderator") or not hmac.compare_digest(token, phone_token(self.secret, room.id, wanted)):
+                await ws.send_json({"type": "error", "message": "phone participants need the gateway's token"})
+                return None
+            role = wanted
+        elif host and hmac.compare_digest(host, host_token(self.secret, room.id)):
+            role = "moderator"
+        if room.locked and role != "moderator":
+            await ws.send_json({"type": "error", "code": "room_locked", "message": "the room is locked"})
+            return None
+        sdp = data.get("sdp")
+        if not isinstance(sdp, str):
+            await ws.send_json({"type": "error", "message": "join needs an SDP offer"})
+            return None
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        me = room.new_participant(name, kind if kind in ("browser", "phone") else "browser", role, pc, ws)
+
+        @pc.on("track")
+        def on_track(track: Any) -> None:
+            room.attach_inbound(me, track)
+
+        others = [p.video for p in room.participants.values() if p.video is not None]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video" and others:
+                transceiver.sender.replaceTrack(room.relay.subscribe(others[0]))
+        await pc.setLocalDescription(await pc.createAnswer())
+        room.participants[me.id] = me
+        await ws.send_json({"type": "joined", "participant_id": me.id, "role": role,
+                            "sdp": pc.localDescription.sdp})
+        log.event(logger, "participant.joined", room_id=room.id, participant_id=me.id, kind=me.kind, role=role)
+        await room.broadcast(room.state())
+        return me
+
+    async def _command(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
+        kind = data.get("type")
+        moderator = me.role == "moderator"
+        target = room.participants.get(str(data.get("participant_id", me.id)))
+        if kind == "mute" and target is not None and (target is me or moderator):
+            target.muted = bool(data.get("muted", not target.muted))
+        elif kind == "mute_all" and moderator:
+            for p in room.participants.values():
+                if p is not me:
+                    p.muted = bool(data.get("muted", True))
+        elif kind == "lock" and moderator:
+            room.locked = bool(data.get("locked", not room.locked))
+        elif kind == "remove" and moderator and target is not None and target is not me:
+            try:
+                await target.ws.send_json({"type": "removed"})
+            except (ConnectionError, RuntimeError):
+                pass
+            await self._close(room, target)
+        elif kind in ("mute", "mute_all", "lock", "remove"):
+            await me.ws.send_json({"type": "error", "code": "not_allowed", "message": f"{kind}: not allowed"})
+            return
+        elif kind != "leave":
+            await me.ws.send_json({"type": "error", "message": f"unknown message type {kind!r}"})
+            return
+        log.event(logger, f"room.{kind}", room_id=room.id, participant_id=me.id)
+        await room.broadcast(room.state())
+
+    async def _close(self, room: Room, p: Participant) -> None:
+        if room.participants.pop(p.id, None) is None:
+            return
+        for task in p.tasks:
+            task.cancel()
+        await p.pc.close()
+        try:
+            await p.ws.close()
+        except (ConnectionError, RuntimeError):
+            pass
+        log.event(logger, "participant.left", room_id=room.id, participant_id=p.id)
+        await room.broadcast(room.state())
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.auth], client_max_size=64 * 1024)
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "rooms": len(self.rooms)})
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_post("/video/v1/rooms", self.create_room)
+        app.router.add_get("/video/v1/rooms/{room_id}", self.get_room)
+        app.router.add_get("/video/v1/rooms/{room_id}/participants", self.participants)
+        app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
+        app.router.add_get("/rooms/{room_id}", self.page)
+        app.router.add_get("/rooms/{room_id}/ws", self.websocket)
+
+        async def on_startup(app: web.Application) -> None:
+            self.clock.start()
+
+        app.on_startup.append(on_startup)
+        return app
+
+
+def serve(config: Config) -> None:
+    service = RoomService(config)
+    rs = config.room_service
+    log.event(logger, "rooms.started", http=f"{rs.host}:{rs.port}", data_dir=str(config.data_dir))
+    web.run_app(service.app(), host=rs.host, port=rs.port, print=None, access_log=None)

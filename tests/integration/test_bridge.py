@@ -1,0 +1,140 @@
+"""Phone callers bridged into WebRTC rooms: Chromium on the room page, sipp as the phone, the embedded room
+service in its own process (started by `gateway run`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.media import g711
+from gateway.media.rtp import RtpPacket
+from tests.conftest import Gateway, make_test_config, run_sipp, start_gateway, stop_gateway, wait_until
+from tests.integration.browser import Browser, tone_wav
+from tests.integration.ivr_tools import info, ivr_scenario, rfc4733
+from tests.integration.media_tools import Capture
+
+IVR_DID = "15550100000"
+
+
+def api(gw: Gateway, method: str, path: str, body: Any = None, auth: bool = True) -> tuple[int, Any]:
+    key = json.loads((gw.data_dir / "room-service.json").read_text())["api_key"]
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.rooms_port}{path}", method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"demo:{key}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture
+def bridge_gateway(tmp_path: Path):  # type: ignore[no-untyped-def]
+    gw = start_gateway(tmp_path, make_test_config())
+    wait_until(lambda: '"prompts.ready"' in gw.log() and '"rooms.started"' in gw.log(), 60, "prompts and rooms")
+    yield gw
+    stop_gateway(gw)
+
+
+def dominant(samples: np.ndarray) -> tuple[float, float]:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / 8000)[int(np.argmax(spectrum))]), float(np.sqrt(np.mean(samples**2)))
+
+
+def run_in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_room_api(bridge_gateway: Gateway) -> None:
+    gw = bridge_gateway
+    assert api(gw, "POST", "/video/v1/rooms", {"name": "x"}, auth=False)[0] == 401
+    status, err = api(gw, "POST", "/video/v1/rooms", {"name": ""})
+    assert status == 400 and "name" in err["error"]["message"]
+    status, err = api(gw, "POST", "/video/v1/rooms", {"name": "a", "settings": {"sip": {"enabled": "yes"}}})
+    assert status == 400 and "settings.sip.enabled" in err["error"]["message"]
+    status, room = api(gw, "POST", "/video/v1/rooms", {"name": "Weekly", "settings": {"sip": {"enabled": True}}})
+    assert status == 201 and room["sip"]["enabled"] and len(room["sip"]["meeting_id"]) == 9
+    rid = room["room_id"]
+    assert api(gw, "GET", f"/video/v1/rooms/{rid}")[1]["name"] == "Weekly"
+    assert api(gw, "GET", f"/video/v1/rooms/{rid}/participants")[1]["participants"] == []
+    # the IVR's directory and the room service are the same rooms
+    assert rid in [r["room_id"] for r in gw.cli("rooms", "list")]  # type: ignore[index]
+    assert api(gw, "DELETE", f"/video/v1/rooms/{rid}")[0] == 200
+    assert api(gw, "GET", f"/video/v1/rooms/{rid}")[0] == 404
+    assert rid not in [r["room_id"] for r in gw.cli("rooms", "list")]  # type: ignore[index]
+
+
+def test_caller_and_browser_hear_each_other_and_star6_mutes(bridge_gateway: Gateway, tmp_path: Path) -> None:
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms", {"name": "e2e", "settings": {"sip": {"enabled": True}}})
+    browser = Browser(tmp_path, tone_wav(tmp_path / "mic.wav", 440.0))
+    caller_tone = tmp_path / "caller.ul"
+    caller_tone.write_bytes(g711.encode("PCMU", (8000 * np.sin(2 * np.pi * 1000 * np.arange(8000 * 40) / 8000)).astype(np.int16)))
+    media_port = 40000 + (gw.sip_port % 1000) * 2
+    lo, hi = gw.rtp_range
+    cap = Capture(tmp_path / "caller.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
+    try:
+        browser.join(room["links"]["join"], "Alice")
+        steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(room["sip"]["pin"] + "#"),
+                 f'  <nop><action><exec rtp_stream="{caller_tone},-1,0"/></action></nop>',
+                 '  <pause milliseconds="8000"/>', info("*6", "15551230000", 40), '  <pause milliseconds="7000"/>']
+        sf = ivr_scenario(tmp_path, steps, tail=0)
+        thread, result = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1",
+                                                       timeout=120, media_port=media_port))
+        phone = wait_until(lambda: [p for p in browser.participants() if p["kind"] == "phone"], 40, "the phone in the list")
+        assert phone[0]["name"].endswith("0000") and "1555123" not in phone[0]["name"], "caller number masked"
+        assert any(li["kind"] == "phone" and "0000" in li["text"] for li in browser.listed())
+        heard = wait_until(lambda: abs(browser.gw()["peakHz"] - 1000) < 30 and browser.gw()["rms"] > 0.02, 15,
+                           "the page to hear the caller's 1 kHz tone")
+        assert heard
+        wait_until(lambda: any(li["kind"] == "phone" and li["muted"] == "true" for li in browser.listed()), 20,
+                   "the page to show the phone muted after *6")
+        wait_until(lambda: browser.gw()["rms"] < 0.005, 10, "the caller's tone to stop reaching the browser")
+        thread.join(120)
+    finally:
+        cap.stop()
+        browser.close()
+    assert result["value"].returncode == 0, result["value"].stdout[-2000:]
+    audio = g711.decode("PCMU", b"".join(RtpPacket.parse(p).payload for _, _, _, p in cap.udp_payloads())).astype(float)
+    freq, rms = dominant(audio[-8000 * 4 :])  # the last seconds: bridged, no prompt playing
+    assert abs(freq - 440) < 15 and rms > 300, (freq, rms)
+    evs = gw.cdr(gw.wait_calls_ended(1)[0]["voice_id"])["events"]
+    states = [e["state"] for e in evs]
+    assert "joined" in states and "muted" in states and "left" in states
+
+
+def test_moderator_star4_mutes_the_browser_and_removal_ends_the_call(bridge_gateway: Gateway, tmp_path: Path) -> None:
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms", {"name": "mod", "settings": {"sip": {"enabled": True}}})
+    browser = Browser(tmp_path, tone_wav(tmp_path / "mic.wav", 440.0))
+    try:
+        browser.join(room["links"]["host"], "Host")  # the browser is a moderator too: it will remove the phone
+        steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(room["sip"]["mpin"] + "#"),
+                 '  <pause milliseconds="4000"/>', info("*4", "15551230000", 40)]
+        sf = ivr_scenario(tmp_path, steps, end="gateway", tail=60000)
+        thread, result = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=120))
+        wait_until(lambda: any(p["kind"] == "browser" and p["muted"] for p in browser.participants()), 40,
+                   "the moderator's *4 to mute the browser")
+        phone = [p for p in browser.participants() if p["kind"] == "phone"][0]
+        assert phone["role"] == "moderator" and not phone["muted"]
+        browser.driver.execute_script(f"document.querySelector('#people li[data-id=\"{phone['id']}\"] button:last-child').click()")
+        thread.join(120)
+    finally:
+        browser.close()
+    assert result["value"].returncode == 0, result["value"].stdout[-2000:]
+    row = gw.wait_calls_ended(1)[0]
+    assert row["reason"] == "removed_from_room"
+    assert "mute_all" in [e["state"] for e in gw.cdr(row["voice_id"])["events"]]
