@@ -217,6 +217,7 @@ class EmbeddedRoomConnector:
                     if msg.get("type") == "state":
                         leg.state = msg
             leg.participant_id = msg["participant_id"]
+            leg.state = msg.get("state") or leg.state
             await pc.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="answer"))
         except (RoomError, TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             await pc.close()

@@ -89,7 +89,10 @@ class Worker:
             self._prerender.cancel()
         for registration in self.registrations:
             registration.stop()
+        tasks = [c.task for c in self.ua.calls.values() if c.task is not None]
         self.ua.close()
+        if tasks:  # let each call finish its hang-up path (leave its room, close its CDR)
+            await asyncio.wait(tasks, timeout=5)
         self.clock.stop()
         if self._runner:
             await self._runner.cleanup()

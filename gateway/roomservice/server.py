@@ -246,7 +246,7 @@ class RoomService:
         await pc.setLocalDescription(await pc.createAnswer())
         room.participants[me.id] = me
         await ws.send_json({"type": "joined", "participant_id": me.id, "role": role,
-                            "sdp": pc.localDescription.sdp})
+                            "sdp": pc.localDescription.sdp, "state": room.state()})
         log.event(logger, "participant.joined", room_id=room.id, participant_id=me.id, kind=me.kind, role=role)
         await room.broadcast(room.state())
         return me

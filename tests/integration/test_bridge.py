@@ -138,3 +138,28 @@ def test_moderator_star4_mutes_the_browser_and_removal_ends_the_call(bridge_gate
     row = gw.wait_calls_ended(1)[0]
     assert row["reason"] == "removed_from_room"
     assert "mute_all" in [e["state"] for e in gw.cdr(row["voice_id"])["events"]]
+
+
+def test_wait_for_moderator_then_room_closed_ends_the_call(bridge_gateway: Gateway, tmp_path: Path) -> None:
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms",
+                  {"name": "wait", "settings": {"sip": {"enabled": True}, "wait_for_moderator": True}})
+    steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(room["sip"]["pin"] + "#")]
+    sf = ivr_scenario(tmp_path, steps, end="gateway", tail=90000)
+    thread, result = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=120))
+    wait_until(lambda: '"call.waiting_for_moderator"' in gw.log(), 40, "the caller to wait for a moderator")
+    browser = Browser(tmp_path, tone_wav(tmp_path / "mic.wav", 440.0))
+    try:
+        browser.join(room["links"]["host"], "Host")
+        # the moderator is here: the caller leaves the hold audio and hears the room (the host's 440 Hz)
+        wait_until(lambda: any(p["kind"] == "phone" for p in browser.participants()), 20, "the phone in the room")
+        status, _ = api(gw, "DELETE", f"/video/v1/rooms/{room['room_id']}")
+        assert status == 200
+        thread.join(120)
+    finally:
+        browser.close()
+    assert result["value"].returncode == 0, result["value"].stdout[-2000:]
+    row = gw.wait_calls_ended(1)[0]
+    assert row["reason"] == "room_closed"
+    states = [e["state"] for e in gw.cdr(row["voice_id"])["events"]]
+    assert states.index("waiting_for_moderator") < states.index("left")
