@@ -13,7 +13,6 @@ leg and takes one frame of room audio from a small FIFO that absorbs jitter and 
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -28,43 +27,17 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from . import log
 from .config import Config
+from .media.tracks import PushTrack
 
 logger = logging.getLogger("gateway.bridge")
 RATE = 8000
 FRAME = 160
-TIME_BASE = fractions.Fraction(1, RATE)
 FIFO_TARGET = 2
 FIFO_MAX = 6
 
 
 class RoomError(RuntimeError):
     pass
-
-
-class CallerTrack(MediaStreamTrack):
-    """The caller's audio toward the room: 8 kHz frames pushed by the media clock."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: asyncio.Queue[av.AudioFrame] = asyncio.Queue(maxsize=10)
-        self._pts = 0
-
-    def push(self, samples: np.ndarray) -> None:
-        frame = av.AudioFrame.from_ndarray(samples.astype(np.int16).reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        self._pts += len(samples)
-        if self.queue.full():
-            self.queue.get_nowait()
-        self.queue.put_nowait(frame)
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        return await self.queue.get()
 
 
 class RoomLeg(Protocol):
@@ -104,7 +77,7 @@ class EmbeddedLeg:
         self.ws = ws
         self.session = session
         self.on_event = on_event
-        self.track = CallerTrack()
+        self.track = PushTrack(RATE)  # the caller's audio toward the room
         self.fifo: deque[np.ndarray] = deque()
         self._pending = np.zeros(0, dtype=np.int16)
         self._started = False

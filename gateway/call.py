@@ -98,12 +98,13 @@ class Call:
                     remote_rtp=f"{self.media.params.remote_host}:{self.media.params.remote_port}")
         self._arm_session_timer()
         try:
-            await asyncio.wait_for(self._wait_either(self.confirmed), 64 * 0.5)
+            await asyncio.wait_for(self.wait_until(self.confirmed), 64 * 0.5)
         except TimeoutError:
             pass  # AckTimedOut ends the call through the transaction layer
         self._check_alive()
 
-    async def _wait_either(self, event: asyncio.Event) -> None:
+    async def wait_until(self, event: asyncio.Event) -> None:
+        """Wait for `event`, or for the call to end, whichever comes first."""
         ended = asyncio.ensure_future(self.ended.wait())
         other = asyncio.ensure_future(event.wait())
         try:

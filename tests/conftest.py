@@ -117,14 +117,19 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
     return gw
 
 
-def stop_gateway(gw: Gateway) -> None:
-    if gw.proc.poll() is None:
-        gw.proc.send_signal(signal.SIGTERM)
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10) -> None:  # type: ignore[type-arg]
+    """End a process this test started, by its PID: `sig`, then SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
         try:
-            gw.proc.wait(10)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
-            gw.proc.kill()
-            gw.proc.wait(5)
+            proc.kill()
+            proc.wait(5)
+
+
+def stop_gateway(gw: Gateway) -> None:
+    stop_process(gw.proc)
 
 
 @pytest.fixture

@@ -170,7 +170,7 @@ class InRoom:
                 self.audio.hold(False)
                 await self.ivr.say("waiting_for_moderator", interruptible=False)
                 self.audio.hold()
-                await self._until(self.moderator_here)
+                await self.call.wait_until(self.moderator_here)
             self.audio.hold(False)
             self.audio.bridge(self.leg)
             await self.call.ended.wait()
@@ -180,15 +180,6 @@ class InRoom:
             await self.leg.leave()
             if self.call.ended.is_set() or self.ending is not None:
                 self.call.ua.cdr.event(self.call.voice_id, "left", room_id=self.room_id, **self.leg.stats())
-
-    async def _until(self, event: asyncio.Event) -> None:
-        ended = asyncio.ensure_future(self.call.ended.wait())
-        wanted = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({ended, wanted}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ended.cancel()
-            wanted.cancel()
 
     async def menu(self) -> None:
         keys = {getattr(self.ivr.s.config.menu, f.name): f.name for f in dataclasses.fields(MenuConfig)}

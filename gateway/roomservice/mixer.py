@@ -9,7 +9,6 @@ phones, resampling inside the encoder once).
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 import uuid
 from collections import deque
@@ -23,38 +22,12 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from .. import log
+from ..media.tracks import PushTrack
 
 logger = logging.getLogger("gateway.rooms")
 RATE = 48000
 FRAME = 960  # 20 ms at 48 kHz
 MAX_BACKLOG = 5  # frames queued per input before the oldest are dropped (bounds latency and drift)
-TIME_BASE = fractions.Fraction(1, RATE)
-
-
-class MixTrack(MediaStreamTrack):
-    """What one participant hears: frames pushed by the room clock, pulled by the WebRTC sender."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queue: asyncio.Queue[av.AudioFrame] = asyncio.Queue(maxsize=10)
-        self._pts = 0
-
-    def push(self, samples: np.ndarray) -> None:
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = TIME_BASE
-        self._pts += len(samples)
-        if self.queue.full():
-            self.queue.get_nowait()  # a slow sender: keep the newest audio
-        self.queue.put_nowait(frame)
-
-    async def recv(self) -> av.AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        return await self.queue.get()
 
 
 @dataclass
@@ -65,7 +38,7 @@ class Participant:
     role: str  # participant | moderator
     pc: RTCPeerConnection
     ws: Any
-    out: MixTrack = field(default_factory=MixTrack)
+    out: PushTrack = field(default_factory=lambda: PushTrack(RATE))  # what this participant hears
     muted: bool = False
     inbuf: deque[np.ndarray] = field(default_factory=deque)
     video: MediaStreamTrack | None = None

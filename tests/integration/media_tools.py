@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import wait_until
+from tests.conftest import stop_process, wait_until
 
 
 def make_signal_ulaw(path: Path, seconds: float = 2.0, seed: int = 7) -> bytes:
@@ -54,13 +54,7 @@ class Capture:
             raise
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, signal.SIGINT)  # SIGINT: tshark flushes the capture file
 
     def udp_payloads(self) -> list[tuple[float, int, int, bytes]]:
         """(time, src port, dst port, UDP payload) for each captured packet, read from the pcap file."""
