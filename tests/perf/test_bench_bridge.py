@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gateway.media import g711
 from tests.conftest import Gateway, make_test_config, run_sipp, start_gateway, stop_gateway, wait_until
@@ -33,6 +34,7 @@ def room_service_pid(gw: Gateway) -> int:
     return int(out.stdout.split()[0])
 
 
+@pytest.mark.timeout(SECONDS + 400)
 def test_bench_bridged_calls(tmp_path: Path) -> None:
     gw = start_gateway(tmp_path, make_test_config())
     try:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gateway.media.rtp import RtpPacket
 from tests.conftest import Gateway, run_sipp, scenario
@@ -29,10 +30,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_bench_echo_calls(gateway: Gateway, tmp_path: Path) -> None:
     bench(gateway, tmp_path, "echo", "15550100001")
 
 
+@pytest.mark.timeout(SECONDS + 300)
 def test_bench_ivr_calls(gateway: Gateway, tmp_path: Path) -> None:
     import time
 
