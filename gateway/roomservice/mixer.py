@@ -9,6 +9,7 @@ phones, resampling inside the encoder once).
 from __future__ import annotations
 
 import asyncio
+import fractions
 import logging
 import uuid
 from collections import deque
@@ -30,6 +31,26 @@ FRAME = 960  # 20 ms at 48 kHz
 MAX_BACKLOG = 5  # frames queued per input before the oldest are dropped (bounds latency and drift)
 
 
+class IdleVideo(MediaStreamTrack):
+    """A placeholder video source (a tiny black frame twice a second) until another browser's video exists."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pts = 0
+
+    async def recv(self) -> av.VideoFrame:
+        await asyncio.sleep(0.5)
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        for plane, value in zip(frame.planes, (16, 128, 128), strict=True):
+            plane.update(bytes([value]) * plane.buffer_size)
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, 90000)
+        self._pts += 45000
+        return frame
+
+
 @dataclass
 class Participant:
     id: str
@@ -41,7 +62,9 @@ class Participant:
     out: PushTrack = field(default_factory=lambda: PushTrack(RATE))  # what this participant hears
     muted: bool = False
     inbuf: deque[np.ndarray] = field(default_factory=deque)
-    video: MediaStreamTrack | None = None
+    video: MediaStreamTrack | None = None  # what this participant sends
+    video_sender: Any = None  # where the others' video goes to this participant
+    watching: str = ""  # whose video this participant receives
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     level: float = 0.0
 
@@ -85,6 +108,18 @@ class Room:
             p.tasks.append(asyncio.get_running_loop().create_task(self._read_audio(p, track)))
         elif track.kind == "video":
             p.video = track
+
+    def route_video(self) -> None:
+        """Each browser receives the video of another browser (the first one that has video)."""
+        senders = [p for p in self.participants.values() if p.video is not None]
+        for p in self.participants.values():
+            if p.video_sender is None:
+                continue
+            source = next((s for s in senders if s is not p), None)
+            wanted = source.id if source else ""
+            if wanted != p.watching:
+                p.video_sender.replaceTrack(self.relay.subscribe(source.video) if source and source.video else IdleVideo())
+                p.watching = wanted
 
     async def _read_audio(self, p: Participant, track: MediaStreamTrack) -> None:
         resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)

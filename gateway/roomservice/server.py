@@ -31,7 +31,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from .. import log
 from ..config import Config
 from ..rooms import RoomStore
-from .mixer import Participant, Room, RoomClock
+from .mixer import IdleVideo, Participant, Room, RoomClock
 
 logger = logging.getLogger("gateway.rooms")
 PAGE = Path(__file__).parent / "static" / "room.html"
@@ -238,13 +238,15 @@ class RoomService:
         def on_track(track: Any) -> None:
             room.attach_inbound(me, track)
 
-        others = [p.video for p in room.participants.values() if p.video is not None]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video" and others:
-                transceiver.sender.replaceTrack(room.relay.subscribe(others[0]))
+            if transceiver.kind == "video":
+                transceiver.direction = "sendrecv"  # answer sendrecv now; the source is swapped in later
+                transceiver.sender.replaceTrack(IdleVideo())
+                me.video_sender = transceiver.sender
         await pc.setLocalDescription(await pc.createAnswer())
         room.participants[me.id] = me
+        room.route_video()
         await ws.send_json({"type": "joined", "participant_id": me.id, "role": role,
                             "sdp": pc.localDescription.sdp, "state": room.state()})
         log.event(logger, "participant.joined", room_id=room.id, participant_id=me.id, kind=me.kind, role=role)
@@ -288,6 +290,7 @@ class RoomService:
             await p.ws.close()
         except (ConnectionError, RuntimeError):
             pass
+        room.route_video()
         log.event(logger, "participant.left", room_id=room.id, participant_id=p.id)
         await room.broadcast(room.state())
 

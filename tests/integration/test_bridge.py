@@ -163,3 +163,20 @@ def test_wait_for_moderator_then_room_closed_ends_the_call(bridge_gateway: Gatew
     assert row["reason"] == "room_closed"
     states = [e["state"] for e in gw.cdr(row["voice_id"])["events"]]
     assert states.index("waiting_for_moderator") < states.index("left")
+
+
+def test_video_forwarded_between_browsers(bridge_gateway: Gateway, tmp_path: Path) -> None:
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms", {"name": "video"})
+    first = Browser(tmp_path / "a", tone_wav(tmp_path / "a.wav", 440.0))
+    second = Browser(tmp_path / "b", tone_wav(tmp_path / "b.wav", 660.0))
+    try:
+        first.join(room["links"]["join"], "Ann")
+        second.join(room["links"]["join"], "Bob")
+        for b in (first, second):  # each receives the other's camera (the fake device: 640x480 or larger)
+            wait_until(lambda b=b: b.driver.execute_script("return document.getElementById('remote').videoWidth") >= 320,
+                       30, "remote video in both pages")
+        assert abs(first.gw()["peakHz"] - 660) < 30 and abs(second.gw()["peakHz"] - 440) < 30
+    finally:
+        first.close()
+        second.close()
