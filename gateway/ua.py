@@ -37,6 +37,7 @@ from .sip.transaction import (
     Target,
     TransactionTimedOut,
     _is_ip,
+    new_tag,
 )
 from .transport import SipTransport
 
@@ -264,10 +265,7 @@ class UserAgent:
         return None, 401
 
     def _reject(self, request: Request, txn: ServerInviteTransaction, status: int, reason: str = "", **extra: str) -> None:
-        r = make_response(request, status, reason, to_tag=None)
-        if status != 100:
-            to = r.headers.get("to") or ""
-            r.headers.set("to", f"{to};tag=reject{id(txn) % 100000}")
+        r = make_response(request, status, reason, to_tag=new_tag())
         for name, value in extra.items():
             r.headers.add(name.replace("_", "-"), value)
         self.respond(txn, r)
@@ -281,7 +279,7 @@ class UserAgent:
         trunk, status = self._trunk_for(request, source)
         if trunk is None:
             if status == 401:
-                r = make_response(request, 401, to_tag=f"auth{id(txn) % 100000}")
+                r = make_response(request, 401, to_tag=new_tag())
                 for challenge in self.digest.challenges():
                     r.headers.add("WWW-Authenticate", challenge)
                 self.respond(txn, r)
