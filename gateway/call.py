@@ -147,6 +147,8 @@ class Call:
             data.setdefault("rtp_received", self.media.received)
             data.setdefault("rtp_lost", self.media.jitter.stats.lost)
             self.media.close()
+        if self.audio is not None:
+            data.setdefault("dtmf", dict(self.audio.digit_count))  # digits by source (rfc4733, info, inband)
         self.record("disconnected", reason=reason, code=code, **data)
         self.ended.set()
         self.ua.forget(self)

@@ -157,12 +157,6 @@ def negotiate(offer: SessionDescription, preferences: tuple[str, ...] = SUPPORTE
     )
 
 
-def parse_answer(answer: SessionDescription) -> MediaParams:
-    """Read the media parameters from an answer to our offer (its first supported codec wins)."""
-    params = negotiate(answer)
-    return params
-
-
 _versions = itertools.count(1)
 
 

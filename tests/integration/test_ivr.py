@@ -60,7 +60,10 @@ def test_sip_info_digits(ivr_gateway: Gateway, tmp_path: Path) -> None:
                                  '  <pause milliseconds="500"/>', info(room["sip"]["pin"] + "#", "15551230000", 30)])
     r = run_sipp(ivr_gateway.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=60)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
-    assert validated(events(ivr_gateway))["role"] == "participant"
+    evs = events(ivr_gateway)
+    assert validated(evs)["role"] == "participant"
+    end = next(e for e in evs if e["state"] == "disconnected")
+    assert end["dtmf"]["info"] >= 16 and end["dtmf"]["rfc4733"] == 0  # digits by source in the CDR
 
 
 def test_inband_tones_only(ivr_gateway: Gateway, tmp_path: Path) -> None:
