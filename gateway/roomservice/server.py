@@ -315,7 +315,26 @@ class RoomService:
 
 
 def serve(config: Config) -> None:
-    service = RoomService(config)
-    rs = config.room_service
-    log.event(logger, "rooms.started", http=f"{rs.host}:{rs.port}", data_dir=str(config.data_dir))
-    web.run_app(service.app(), host=rs.host, port=rs.port, print=None, access_log=None)
+    """Run until SIGTERM/SIGINT. `rooms.started` is logged once the port is bound (listening)."""
+    import signal
+
+    async def main() -> None:
+        service = RoomService(config)
+        runner = web.AppRunner(service.app(), access_log=None)
+        await runner.setup()
+        rs = config.room_service
+        await web.TCPSite(runner, rs.host, rs.port).start()
+        log.event(logger, "rooms.started", http=f"{rs.host}:{rs.port}", data_dir=str(config.data_dir))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for room in list(service.rooms.values()):
+            for p in list(room.participants.values()):
+                await service._close(room, p)
+        await runner.cleanup()
+        service.store.close()
+        log.event(logger, "rooms.stopped")
+
+    asyncio.run(main())
