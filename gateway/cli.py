@@ -102,6 +102,9 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
+    from .roomservice.server import room_links, service_secrets
+
+    room["links"] = room_links(config, service_secrets(config)["secret"], room["room_id"])
     print(json.dumps(room, indent=2))
     return 0
 

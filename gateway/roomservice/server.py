@@ -74,6 +74,13 @@ def phone_token(secret: str, room_id: str, role: str) -> str:
     return hmac.new(secret.encode(), f"phone:{room_id}:{role}".encode(), hashlib.sha256).hexdigest()
 
 
+def room_links(config: Config, secret: str, room_id: str) -> dict[str, str]:
+    """The page for participants, and the moderator (host) page."""
+    rs = config.room_service
+    base = rs.url or f"http://{rs.host}:{rs.port}"
+    return {"join": f"{base}/rooms/{room_id}", "host": f"{base}/rooms/{room_id}?host={host_token(secret, room_id)}"}
+
+
 def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
@@ -88,15 +95,10 @@ class RoomService:
         self.clock = RoomClock(self.rooms)
         restrict_ice(config.room_service.ice_addresses)
 
-    def base_url(self) -> str:
-        rs = self.config.room_service
-        return rs.url or f"http://{rs.host}:{rs.port}"
-
     def room_json(self, room: dict[str, Any]) -> dict[str, Any]:
         live = self.rooms.get(room["room_id"])
         out = dict(room)
-        out["links"] = {"join": f"{self.base_url()}/rooms/{room['room_id']}",
-                        "host": f"{self.base_url()}/rooms/{room['room_id']}?host={host_token(self.secret, room['room_id'])}"}
+        out["links"] = room_links(self.config, self.secret, room["room_id"])
         out["participants"] = len(live.participants) if live else 0
         return out
 

@@ -45,12 +45,35 @@ def test_invite_without_sdp_offer_in_200_answer_in_ack(gateway: Gateway) -> None
     assert updated and updated[0]["codec"] == "PCMA", "the answer in the ACK must set the media"
 
 
-def test_session_timer_refresh_by_gateway_and_failed_refresh_ends_call(gateway: Gateway) -> None:
+REFRESH_481 = """  <recv request="UPDATE" timeout="60000">
+    <action><ereg regexp="Session-Expires: 90;refresher=uas" search_in="msg" check_it="true" assign_to="se2"/></action>
+  </recv>
+  <send><![CDATA[
+SIP/2.0 481 Call/Transaction Does Not Exist
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+]]></send>"""
+
+
+def test_session_timer_refresh_by_gateway_and_failed_refresh_ends_call(gateway: Gateway, tmp_path: Path) -> None:
     """Takes ~46 s: RFC 4028 forbids intervals under 90 s, and the refresh comes at half of it."""
-    r = run_sipp(gateway.sip, "-sf", str(SCENARIOS / "session_refresh.xml"), "-s", "15550100001", "-m", "1",
-                 timeout=90)
+    sf = scenario(tmp_path, "session_refresh.xml", refresher="uas", refresh=REFRESH_481, bye_timeout="10000", refs=",se2")
+    r = run_sipp(gateway.sip, "-sf", str(sf), "-s", "15550100001", "-m", "1", timeout=90)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     row = gateway.wait_calls_ended(1)[0]
     assert row["reason"] == "session_refresh_failed"
     assert 44 <= row["ended_at"] - row["answered_at"] <= 50
     assert gateway.http_get("/healthz")[1]["rtp_ports_in_use"] == 0
+
+
+def test_session_expires_without_refresh_gateway_sends_bye(gateway: Gateway, tmp_path: Path) -> None:
+    """Takes ~60 s: the caller is refresher (90 s) and never refreshes; BYE comes 30 s before expiry."""
+    sf = scenario(tmp_path, "session_refresh.xml", refresher="uac", refresh="", bye_timeout="70000", refs="")
+    r = run_sipp(gateway.sip, "-sf", str(sf), "-s", "15550100001", "-m", "1", timeout=100)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    row = gateway.wait_calls_ended(1)[0]
+    assert row["reason"] == "session_expired" and 58 <= row["ended_at"] - row["answered_at"] <= 63
