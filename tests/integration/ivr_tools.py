@@ -23,9 +23,10 @@ Content-Length: 0
 ]]></send>
   <recv response="200"/>"""
 
-GATEWAY_BYE = """  <recv request="BYE" timeout="%(tail)d"/>
-  <send><![CDATA[
-SIP/2.0 200 OK
+def reply(status_line: str) -> str:
+    """A sipp <send> answering the last request received (headers copied from it)."""
+    return f"""  <send><![CDATA[
+SIP/2.0 {status_line}
 [last_Via:]
 [last_From:]
 [last_To:]
@@ -33,6 +34,9 @@ SIP/2.0 200 OK
 [last_CSeq:]
 Content-Length: 0
 ]]></send>"""
+
+
+GATEWAY_BYE = '  <recv request="BYE" timeout="%(tail)d"/>\n' + reply("200 OK")
 
 INFO = """  <send retrans="500"><![CDATA[
 INFO sip:gateway@[remote_ip]:[remote_port] SIP/2.0

@@ -9,6 +9,7 @@ import numpy as np
 from gateway.media import g711
 from gateway.media.rtp import RtpPacket
 from tests.conftest import SCENARIOS, Gateway, run_sipp, scenario
+from tests.integration.ivr_tools import reply
 from tests.integration.media_tools import Capture
 
 
@@ -48,15 +49,7 @@ def test_invite_without_sdp_offer_in_200_answer_in_ack(gateway: Gateway) -> None
 REFRESH_481 = """  <recv request="UPDATE" timeout="60000">
     <action><ereg regexp="Session-Expires: 90;refresher=uas" search_in="msg" check_it="true" assign_to="se2"/></action>
   </recv>
-  <send><![CDATA[
-SIP/2.0 481 Call/Transaction Does Not Exist
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-]]></send>"""
+""" + reply("481 Call/Transaction Does Not Exist")
 
 
 def test_session_timer_refresh_by_gateway_and_failed_refresh_ends_call(gateway: Gateway, tmp_path: Path) -> None:
