@@ -37,7 +37,9 @@ FIFO_MAX = 6
 
 
 class RoomError(RuntimeError):
-    pass
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # e.g. "room_locked"
 
 
 class RoomLeg(Protocol):
@@ -186,7 +188,7 @@ class EmbeddedRoomConnector:
                     if msg.get("type") == "joined":
                         break
                     if msg.get("type") == "error":
-                        raise RoomError(str(msg.get("message")))
+                        raise RoomError(str(msg.get("message")), str(msg.get("code", "")))
                     if msg.get("type") == "state":
                         leg.state = msg
             leg.participant_id = msg["participant_id"]
@@ -195,7 +197,7 @@ class EmbeddedRoomConnector:
         except (RoomError, TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
             await pc.close()
             await session.close()
-            raise RoomError(f"could not join room {room_id}: {exc}") from exc
+            raise RoomError(f"could not join room {room_id}: {exc}", getattr(exc, "code", "")) from exc
         leg.tasks.append(asyncio.get_running_loop().create_task(leg._read_signalling()))
         log.event(logger, "bridge.joined", room_id=room_id, participant_id=leg.participant_id, role=role)
         return leg

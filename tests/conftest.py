@@ -173,6 +173,7 @@ def scenario(tmp: Path, name: str, **subs: str) -> Path:
     for key, value in subs.items():
         text = text.replace(f"%{key.upper()}%", value)
     path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 

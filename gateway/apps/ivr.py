@@ -159,6 +159,9 @@ class InRoom:
         try:
             self.leg = await self.ivr.s.connector.join(self.room_id, self.role, name, self.on_event)  # type: ignore[union-attr]
         except RoomError as exc:
+            if exc.code == "room_locked":
+                self.call.record("room_locked_out", logging.INFO, room_id=self.room_id)
+                return await self.ivr.goodbye("locked_out", "room_locked")
             self.call.record("room_join_failed", logging.ERROR, room_id=self.room_id, error=str(exc))
             return await self.ivr.goodbye("service_unavailable", "room_join_failed", error=str(exc))
         self.call.record("joined", room_id=self.room_id, role=self.role, participant_id=self.leg.participant_id)

@@ -181,3 +181,25 @@ def test_video_forwarded_between_browsers(bridge_gateway: Gateway, tmp_path: Pat
     finally:
         first.close()
         second.close()
+
+
+def test_moderator_star5_locks_out_new_callers_and_star9_unmutes_all(bridge_gateway: Gateway, tmp_path: Path) -> None:
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms", {"name": "lock", "settings": {"sip": {"enabled": True}}})
+    mid = room["sip"]["meeting_id"]
+    host = ivr_scenario(tmp_path / "host", [rfc4733(mid + "#"), rfc4733(room["sip"]["mpin"] + "#"),
+                                            '  <pause milliseconds="3000"/>', info("*5", "15551110000", 40),
+                                            '  <pause milliseconds="3000"/>', info("*9", "15551110000", 50),
+                                            '  <pause milliseconds="15000"/>'], caller="15551110000", tail=0)
+    thread, result = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(host), "-s", IVR_DID, "-m", "1", timeout=120))
+    wait_until(lambda: '"call.room_locked"' in gw.log(), 60, "the moderator's *5 to lock the room")
+    late = ivr_scenario(tmp_path / "late", [rfc4733(mid + "#"), rfc4733(room["sip"]["pin"] + "#")],
+                        caller="15552220000", end="gateway", tail=30000)
+    r = run_sipp(gw.sip, "-sf", str(late), "-s", IVR_DID, "-m", "1", timeout=90)
+    assert r.returncode == 0, r.stdout[-2000:]
+    thread.join(120)
+    assert result["value"].returncode == 0, result["value"].stdout[-2000:]
+    rows = {row["from_number"]: row for row in gw.wait_calls_ended(2)}
+    assert rows["15552220000"]["reason"] == "room_locked"
+    states = [e["state"] for e in gw.cdr(rows["15551110000"]["voice_id"])["events"]]
+    assert "room_locked" in states and "unmute_all" in states
