@@ -77,9 +77,11 @@ class CallAudio:
 
     # -- the frame handler (called by the media clock)
     def __call__(self, frame: bytes | None) -> bytes:
-        pcm = g711.decode(self.codec, frame) if frame is not None else None
-        if pcm is not None and self.detector is not None and not self.merger.saw_rfc4733:
-            digit = self.detector.feed(pcm)
+        detecting = self.detector is not None and not self.merger.saw_rfc4733
+        # decode only when someone listens: the tone detector or the room
+        pcm = g711.decode(self.codec, frame) if frame is not None and (detecting or self.leg is not None) else None
+        if pcm is not None and detecting:
+            digit = self.detector.feed(pcm)  # type: ignore[union-attr]
             if digit is not None:
                 self.digit(digit, "inband")
         room = None

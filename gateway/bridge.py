@@ -19,15 +19,13 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
-import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from . import log
 from .config import Config
-from .media.tracks import PushTrack
+from .media.tracks import PushTrack, pcm_frames
 
 logger = logging.getLogger("gateway.bridge")
 RATE = 8000
@@ -81,7 +79,6 @@ class EmbeddedLeg:
         self.on_event = on_event
         self.track = PushTrack(RATE)  # the caller's audio toward the room
         self.fifo: deque[np.ndarray] = deque()
-        self._pending = np.zeros(0, dtype=np.int16)
         self._started = False
         self.underruns = 0
         self.dropped = 0
@@ -109,17 +106,8 @@ class EmbeddedLeg:
         return self.fifo.popleft()
 
     async def _read_room_audio(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)  # a no-op for PCMU
-        try:
-            while True:
-                frame = await track.recv()
-                for out in resampler.resample(frame):  # type: ignore[arg-type]
-                    self._pending = np.concatenate([self._pending, out.to_ndarray().reshape(-1)])
-                while len(self._pending) >= FRAME:
-                    self.fifo.append(self._pending[:FRAME])
-                    self._pending = self._pending[FRAME:]
-        except MediaStreamError:
-            return
+        async for frame in pcm_frames(track, RATE, FRAME):
+            self.fifo.append(frame)
 
     async def _read_signalling(self) -> None:
         async for msg in self.ws:

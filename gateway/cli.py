@@ -130,12 +130,12 @@ def cmd_rooms_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts_render(args: argparse.Namespace) -> int:
-    from .prompts import PromptError, PromptLibrary
+    from .prompts import PromptError, PromptLibrary, prompt_sets
 
     config = _config(args)
     log.setup(config.log.level, "text")
     library = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
-    combos = sorted({(p.language, p.voice_type, p.welcome_text) for p in config.projects})
+    combos = prompt_sets(config.projects)
     try:
         count = asyncio.run(library.render_all(combos))
     except PromptError as exc:

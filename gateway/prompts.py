@@ -101,6 +101,11 @@ class _Tts:
         raw.unlink()
 
 
+def prompt_sets(projects: list[Any]) -> list[tuple[str, str, str]]:
+    """The distinct (language, voice_type, welcome_text) the configured projects speak with."""
+    return sorted({(p.language, p.voice_type, p.welcome_text) for p in projects})
+
+
 class PromptLibrary:
     def __init__(self, prompts_dir: Path, cache_dir: Path) -> None:
         self.prompts_dir = prompts_dir

@@ -18,7 +18,7 @@ from .config import Config
 from .guard import AttemptLimiter
 from .http import make_app
 from .media.clock import MediaClock
-from .prompts import PromptError, PromptLibrary
+from .prompts import PromptError, PromptLibrary, prompt_sets
 from .registration import Registration
 from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
 from .roomservice.server import restrict_ice, service_secrets
@@ -76,7 +76,7 @@ class Worker:
 
     async def _render_prompts(self) -> None:
         """Pre-render every project's prompts in the background (calls render on demand meanwhile)."""
-        combos = sorted({(p.language, p.voice_type, p.welcome_text) for p in self.config.projects})
+        combos = prompt_sets(self.config.projects)
         try:
             count = await self.prompts.render_all(combos)
             log.event(logger, "prompts.ready", prompts=count, rendered=self.prompts.rendered)

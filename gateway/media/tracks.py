@@ -1,9 +1,11 @@
-"""An aiortc audio track fed by a clock: frames are pushed every 20 ms and pulled by the WebRTC sender."""
+"""aiortc audio tracks: one fed by a clock (pushed every 20 ms, pulled by the WebRTC sender), and received
+tracks read as fixed-size PCM frames."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+from collections.abc import AsyncIterator
 
 import av
 import numpy as np
@@ -37,3 +39,22 @@ class PushTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         return await self.queue.get()
+
+
+async def pcm_frames(track: MediaStreamTrack, rate: int, size: int) -> AsyncIterator[np.ndarray]:
+    """A received audio track as mono int16 frames of `size` samples at `rate` (resampled once, statefully).
+
+    Ends when the track ends.
+    """
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    pending = np.zeros(0, dtype=np.int16)
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        for out in resampler.resample(frame):  # type: ignore[arg-type]
+            pending = np.concatenate([pending, out.to_ndarray().reshape(-1)])
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]

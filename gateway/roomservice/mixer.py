@@ -20,10 +20,9 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.contrib.media import MediaRelay
-from aiortc.mediastreams import MediaStreamError
 
 from .. import log
-from ..media.tracks import PushTrack
+from ..media.tracks import PushTrack, pcm_frames
 
 logger = logging.getLogger("gateway.rooms")
 RATE = 48000
@@ -122,20 +121,10 @@ class Room:
                 p.watching = wanted
 
     async def _read_audio(self, p: Participant, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-        pending = np.zeros(0, dtype=np.int16)
-        try:
-            while True:
-                frame = await track.recv()
-                for out in resampler.resample(frame):  # type: ignore[arg-type]
-                    pending = np.concatenate([pending, out.to_ndarray().reshape(-1)])
-                while len(pending) >= FRAME:
-                    p.inbuf.append(pending[:FRAME])
-                    pending = pending[FRAME:]
-                    while len(p.inbuf) > MAX_BACKLOG:
-                        p.inbuf.popleft()
-        except MediaStreamError:
-            return
+        async for frame in pcm_frames(track, RATE, FRAME):
+            p.inbuf.append(frame)
+            while len(p.inbuf) > MAX_BACKLOG:
+                p.inbuf.popleft()
 
     def mix(self) -> None:
         """One 20 ms step: everyone hears the sum of the others."""
