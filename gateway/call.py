@@ -39,7 +39,10 @@ class SessionTimer:
 
 
 class Call:
-    def __init__(self, ua: UserAgent, invite: Request, txn: ServerInviteTransaction, source: Target, **info: Any) -> None:
+    direction = "inbound"
+
+    def __init__(self, ua: UserAgent, invite: Request, txn: ServerInviteTransaction | None, source: Target,
+                 **info: Any) -> None:
         self.ua = ua
         self.voice_id = str(uuid.uuid4())
         self.invite = invite
@@ -62,12 +65,14 @@ class Call:
         self.task: asyncio.Task[None] | None = None
         self.pending_key = 0
         self.audio: Any = None  # the IVR's CallAudio once an application sets it up
+        self.control: Any = None  # the API's handle on the call (gateway.control.Steering) once it has one
 
     # -- recording
     def record(self, state: str, level: int = logging.INFO, **data: Any) -> None:
         self.state = state
         self.ua.cdr.event(self.voice_id, state, **data)
         log.event(logger, f"call.{state}", level, voice_id=self.voice_id, **data)
+        self.ua.on_call_event(self, state, data)
 
     # -- the application API
     async def ring(self) -> None:
@@ -296,16 +301,19 @@ class Call:
     def _send_refresh(self) -> None:
         if self.dialog is None or self.ended.is_set():
             return
-        allow = [a.strip().upper() for a in self.invite.headers.get_all("allow")]
-        method = "UPDATE" if "UPDATE" in allow else "INVITE"
+        method = "UPDATE" if "UPDATE" in self.peer_allow() else "INVITE"
         body = self.local_sdp() if method == "INVITE" else b""
         req = self.dialog.create_request(method, body, "application/sdp" if body else None)
         st = self.session_timer
         assert st is not None
-        req.headers.add("Session-Expires", f"{st.interval};refresher=uas")
+        req.headers.add("Session-Expires", f"{st.interval};refresher={'uac' if self.direction == 'outbound' else 'uas'}")
         req.headers.add("Supported", "timer")
         self.ua.send_in_dialog(self, req, on_final=self._refresh_done)
         self._arm_session_timer()
+
+    def peer_allow(self) -> list[str]:
+        """The methods the other side allows (from its INVITE; a dial-out call reads them off the 2xx)."""
+        return [a.strip().upper() for v in self.invite.headers.get_all("allow") for a in v.split(",")]
 
     def _refresh_done(self, response: Response | None) -> None:
         if response is None or response.status in (408, 481):

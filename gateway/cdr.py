@@ -31,6 +31,20 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_voice ON events(voice_id, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    voice_id TEXT NOT NULL,
+    worker TEXT NOT NULL,
+    project TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL DEFAULT 'pending',
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(status, worker, seq);
 CREATE INDEX IF NOT EXISTS calls_started ON calls(started_at);
 """
 
@@ -63,6 +77,21 @@ class CdrStore:
 
     def event(self, voice_id: str, state: str, ts: float | None = None, **data: Any) -> None:
         self._queue.put(("event", (voice_id, state, time.time() if ts is None else ts, data)))
+
+    # -- the webhook outbox (same writer, so an event is stored in the order it happened)
+    def outbox_add(self, event_id: str, voice_id: str, project: str, url: str, body: bytes, created: float) -> None:
+        self._queue.put(("outbox", (event_id, voice_id, project, url, body, created)))
+
+    def outbox_state(self, event_id: str, status: str, attempts: int, error: str | None = None) -> None:
+        self._queue.put(("outbox_state", (status, attempts, error, event_id)))
+
+    def outbox_pending(self, worker: str | None = None) -> list[dict[str, Any]]:
+        """Webhook events not yet delivered (nor given up), oldest first: what a restart resumes."""
+        self.flush()
+        cur = self._db.execute(
+            "SELECT event_id, voice_id, project, url, body, created_at, attempts FROM outbox"
+            " WHERE status='pending' AND worker=? ORDER BY seq", (worker or self.worker,))
+        return [_row(cur, r) for r in cur.fetchall()]
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()
@@ -104,6 +133,11 @@ class CdrStore:
                         waiters.append(args[0])
                     elif kind == "open":
                         self._write_open(db, *args)
+                    elif kind == "outbox":
+                        db.execute("INSERT INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
+                                   " VALUES (?,?,?,?,?,?,?)", (*args[:2], self.worker, *args[2:]))
+                    elif kind == "outbox_state":
+                        db.execute("UPDATE outbox SET status=?, attempts=?, last_error=? WHERE event_id=?", args)
                     else:
                         self._write_event(db, *args)
             for w in waiters:
@@ -142,14 +176,15 @@ def _row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
     return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
 
 
-def list_calls(data_dir: Path | str, limit: int = 100, active_only: bool = False) -> list[dict[str, Any]]:
+def list_calls(data_dir: Path | str, limit: int = 100, active_only: bool = False,
+               project: str | None = None) -> list[dict[str, Any]]:
     path = Path(data_dir) / "cdr.sqlite"
     if not path.exists():
         return []
     db = connect(path)
     db.row_factory = _row
-    where = "WHERE state != 'disconnected'" if active_only else ""
-    rows = db.execute(f"SELECT * FROM calls {where} ORDER BY started_at DESC LIMIT ?", (limit,)).fetchall()
+    where = "WHERE (? IS NULL OR project = ?)" + (" AND state != 'disconnected'" if active_only else "")
+    rows = db.execute(f"SELECT * FROM calls {where} ORDER BY started_at DESC LIMIT ?", (project, project, limit)).fetchall()
     db.close()
     return rows
 

@@ -95,8 +95,9 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
     if args.meeting_id is not None and not (args.meeting_id.isdigit() and 4 <= len(args.meeting_id) <= 16):
         raise ConfigError("--meeting-id: 4 to 16 digits")
     try:
+        project = args.project or (config.projects[0].name if config.projects else "")
         room = store.create(args.name, sip_enabled=not args.no_sip, meeting_id_digits=config.rooms.meeting_id_digits,
-                            pin_digits=config.rooms.pin_digits, meeting_id=args.meeting_id)
+                            pin_digits=config.rooms.pin_digits, meeting_id=args.meeting_id, project=project)
     except ValueError as exc:
         print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
         return 1
@@ -114,6 +115,46 @@ def cmd_rooms_list(args: argparse.Namespace) -> int:
 
     store = RoomStore(_config(args).data_dir)
     print(json.dumps(store.list(), indent=2))
+    store.close()
+    return 0
+
+
+def cmd_projects_create(args: argparse.Namespace) -> int:
+    from .projects import Number, ProjectStore, normalize_number
+
+    config = _config(args)
+    numbers = []
+    for raw in args.number or []:
+        try:
+            normalize_number(raw)
+        except ValueError as exc:
+            raise ConfigError(f"--number {raw!r}: {exc}") from None
+        numbers.append(Number(raw, inbound=not args.outbound_only, outbound=not args.inbound_only))
+    if args.notification_url and not args.notification_url.startswith(("http://", "https://")):
+        raise ConfigError("--notification-url: an http(s):// URL")
+    if args.trunk and not any(t.name == args.trunk and t.outbound for t in config.trunks):
+        raise ConfigError(f"--trunk: no trunk named {args.trunk!r} with [trunks.outbound]")
+    store = ProjectStore(config.data_dir)
+    try:
+        project = store.create(args.name, numbers, notification_url=args.notification_url or "",
+                               trunk=args.trunk or "", welcome_text=args.welcome_text or "")
+    except ValueError as exc:
+        print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(json.dumps(project.public(with_key=True), indent=2))
+    return 0
+
+
+def cmd_projects_list(args: argparse.Namespace) -> int:
+    from .projects import ProjectStore
+
+    config = _config(args)
+    store = ProjectStore(config.data_dir)
+    for configured in config.projects:
+        store.ensure(configured)
+    print(json.dumps([p.public(with_key=args.keys) for p in store.list()], indent=2))
     store.close()
     return 0
 
@@ -181,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--no-sip", action="store_true", help="a room without dial-in")
     create.add_argument("--meeting-id", help="use this meeting ID (digits) instead of a random one")
+    create.add_argument("--project", help="the project the room belongs to (default: the first configured)")
     create.set_defaults(func=cmd_rooms_create)
     serve = rooms.add_parser("serve", help="run the embedded room service (Video API, room page, media)")
     common(serve)
@@ -189,6 +231,24 @@ def parser() -> argparse.ArgumentParser:
     listing = rooms.add_parser("list", help="all rooms (JSON)")
     common(listing)
     listing.set_defaults(func=cmd_rooms_list)
+
+    projects = sub.add_parser("projects", help="API projects (app_id/app_key, numbers, webhook)").add_subparsers(
+        dest="projects_command", required=True)
+    pcreate = projects.add_parser("create", help="create a project; prints JSON with its app_id and app_key")
+    common(pcreate)
+    pcreate.add_argument("--name", required=True)
+    pcreate.add_argument("--number", action="append", help="an E.164 number of the project (repeatable)")
+    direction = pcreate.add_mutually_exclusive_group()
+    direction.add_argument("--inbound-only", action="store_true", help="the numbers take calls only (out=false)")
+    direction.add_argument("--outbound-only", action="store_true", help="the numbers are caller IDs only (in=false)")
+    pcreate.add_argument("--notification-url", help="default webhook for the project's calls")
+    pcreate.add_argument("--trunk", help="outbound trunk (default: the first with [trunks.outbound])")
+    pcreate.add_argument("--welcome-text", help="greeting for the project's inbound calls")
+    pcreate.set_defaults(func=cmd_projects_create)
+    plist = projects.add_parser("list", help="all projects (JSON)")
+    common(plist)
+    plist.add_argument("--keys", action="store_true", help="include each app_key")
+    plist.set_defaults(func=cmd_projects_list)
 
     prompts = sub.add_parser("prompts", help="spoken prompts").add_subparsers(dest="prompts_command", required=True)
     render = prompts.add_parser("render", help="pre-render every project's prompts into the cache")

@@ -110,6 +110,23 @@ class RoomServiceConfig:
 
 
 @dataclass
+class ApiConfig:
+    """The Voice API (on the worker's HTTP port) and its dial-out calls."""
+
+    ring_timeout_s: int = 60  # an unanswered dial-out is cancelled after this long (failed, 408)
+    park_timeout_s: int = 600  # a call on hold waiting for the API to name a room is hung up after this long
+    max_body_bytes: int = 16384
+
+
+@dataclass
+class WebhookConfig:
+    timeout_s: int = 5  # per delivery attempt
+    max_backoff_s: int = 60  # retry delays double from 1 s up to this ...
+    max_age_s: int = 3600  # ... and an event older than this is given up (logged, kept in the outbox)
+    concurrency: int = 16  # calls delivered in parallel (each call's events stay in order)
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -125,6 +142,16 @@ class RegisterConfig:
 
 
 @dataclass
+class OutboundConfig:
+    """Where dial-out INVITEs go for this trunk, and our credentials if it challenges (401/407)."""
+
+    proxy: str = ""  # sip:host[:port][;transport=tcp]; the Request-URI is sip:NUMBER@host[:port]
+    username: str = ""
+    password: str = ""
+    from_domain: str = ""  # host part of From; empty = the proxy's host
+
+
+@dataclass
 class TrunkConfig:
     name: str = ""
     sources: list[str] = field(default_factory=list)  # IP / CIDR allow-list
@@ -133,6 +160,7 @@ class TrunkConfig:
     realm: str = "gateway"
     dtmf: list[str] = field(default_factory=lambda: ["rfc4733", "info", "inband"])
     register: RegisterConfig | None = None
+    outbound: OutboundConfig | None = None
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]
@@ -153,6 +181,7 @@ class ProjectConfig:
     welcome_text: str = ""
     voice_type: str = "female"
     language: str = "en-US"
+    notification_url: str = ""  # default webhook for the project's calls
 
 
 @dataclass
@@ -167,6 +196,8 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     room_service: RoomServiceConfig = field(default_factory=RoomServiceConfig)
     menu: MenuConfig = field(default_factory=MenuConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     trunks: list[TrunkConfig] = field(
         default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
     )
@@ -338,6 +369,17 @@ def _validate(c: Config) -> None:
                 raise ConfigError(f"trunks[{i}].dtmf: unknown source {source!r} (rfc4733, info, inband)")
         if t.register is not None and not t.register.registrar.startswith(("sip:", "sips:")):
             raise ConfigError(f"trunks[{i}].register.registrar: must be a sip: URI")
+        if t.outbound is not None and not t.outbound.proxy.startswith("sip:"):
+            raise ConfigError(f"trunks[{i}].outbound.proxy: must be a sip: URI")
+    if not 5 <= c.api.ring_timeout_s <= 600:
+        raise ConfigError("api.ring_timeout_s: 5 to 600")
+    if not 5 <= c.api.park_timeout_s <= 86400:
+        raise ConfigError("api.park_timeout_s: 5 to 86400")
+    if c.webhooks.timeout_s < 1 or c.webhooks.max_backoff_s < 1 or c.webhooks.max_age_s < 1 or c.webhooks.concurrency < 1:
+        raise ConfigError("webhooks: timeout_s, max_backoff_s, max_age_s and concurrency must be at least 1")
+    for i, p in enumerate(c.projects):
+        if p.notification_url and not p.notification_url.startswith(("http://", "https://")):
+            raise ConfigError(f"projects[{i}].notification_url: must be an http(s):// URL")
     for i, d in enumerate(c.dids):
         if not d.number.lstrip("+").isdigit():
             raise ConfigError(f"dids[{i}].number: must be digits (E.164, optional +), not {d.number!r}")

@@ -1,4 +1,4 @@
-"""The worker's HTTP side: health now; the Voice API mounts here too."""
+"""The worker's HTTP side: /healthz (no credentials) and the Voice API (gateway.api)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def make_app(worker: Worker) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=worker.config.api.max_body_bytes)
     app["worker"] = worker
 
     async def healthz(request: web.Request) -> web.Response:
@@ -27,4 +27,5 @@ def make_app(worker: Worker) -> web.Application:
         })
 
     app.router.add_get("/healthz", healthz)
+    worker.api.routes(app)
     return app

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS rooms (
     meeting_id TEXT UNIQUE,
     pin TEXT, mpin TEXT,
     settings TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    project TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -54,10 +55,15 @@ class RoomStore:
         self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(rooms)")}
+        if "project" not in columns:  # a store made before rooms belonged to projects
+            with self._db:
+                self._db.execute("ALTER TABLE rooms ADD COLUMN project TEXT NOT NULL DEFAULT ''")
         self._db.row_factory = sqlite3.Row
 
     def create(self, name: str, sip_enabled: bool = True, meeting_id_digits: int = 9, pin_digits: int = 6,
-               settings: dict[str, Any] | None = None, meeting_id: str | None = None) -> dict[str, Any]:
+               settings: dict[str, Any] | None = None, meeting_id: str | None = None,
+               project: str = "") -> dict[str, Any]:
         """A new room; with `meeting_id` given (e.g. numbers kept from another system) it must be free."""
         room_id = uuid.uuid4().hex
         for _ in range(1 if meeting_id else 100):
@@ -69,8 +75,9 @@ class RoomStore:
             try:
                 with self._db:
                     self._db.execute(
-                        "INSERT INTO rooms (room_id, name, meeting_id, pin, mpin, settings, created_at) VALUES (?,?,?,?,?,?,?)",
-                        (room_id, name, meeting_id, pin, mpin, json.dumps(settings or {}), time.time()))
+                        "INSERT INTO rooms (room_id, name, meeting_id, pin, mpin, settings, created_at, project)"
+                        " VALUES (?,?,?,?,?,?,?,?)",
+                        (room_id, name, meeting_id, pin, mpin, json.dumps(settings or {}), time.time(), project))
                 return self.get(room_id)  # type: ignore[return-value]
             except sqlite3.IntegrityError:
                 meeting_id = None
@@ -80,7 +87,7 @@ class RoomStore:
     @staticmethod
     def _public(row: sqlite3.Row) -> dict[str, Any]:
         return {
-            "room_id": row["room_id"], "name": row["name"], "created_at": row["created_at"],
+            "room_id": row["room_id"], "name": row["name"], "created_at": row["created_at"], "project": row["project"],
             "settings": json.loads(row["settings"]),
             "sip": {"enabled": row["meeting_id"] is not None, "meeting_id": row["meeting_id"], "pin": row["pin"],
                     "mpin": row["mpin"]},
@@ -94,8 +101,9 @@ class RoomStore:
         row = self._db.execute("SELECT * FROM rooms WHERE meeting_id=?", (meeting_id,)).fetchone()
         return None if row is None else self._public(row)
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self._public(r) for r in self._db.execute("SELECT * FROM rooms ORDER BY created_at")]
+    def list(self, project: str | None = None) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM rooms WHERE ? IS NULL OR project=? ORDER BY created_at", (project, project))
+        return [self._public(r) for r in rows]
 
     def delete(self, room_id: str) -> bool:
         with self._db:

@@ -67,6 +67,15 @@ class UserAgent:
         self.allow = ALLOW
         self.media_host = config.sip.public_host or config.sip.host
         self.trusted_sources: dict[str, TrunkConfig] = {}  # registrar addresses (REGISTER client)
+        self.find_did: Callable[[str], DidConfig | None] = config.did  # the worker adds the projects' numbers
+        self.listener: Callable[[Call, str, dict[str, object]], None] | None = None  # webhooks
+
+    def on_call_event(self, call: Call, state: str, data: dict[str, object]) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(call, state, data)
+            except Exception:
+                logger.exception("call.listener_failed", extra={"fields": {"voice_id": call.voice_id}})
 
     async def start(self) -> None:
         self.transport = SipTransport(self.stack, self._drain_events)
@@ -116,14 +125,17 @@ class UserAgent:
         self._flush()
         return fut
 
-    def send_in_dialog(self, call: Call, request: Request, on_final: Callable[[Response | None], None] | None = None) -> None:
+    def in_dialog_target(self, call: Call) -> Target:
         assert call.dialog is not None
         target = call.dialog.destination()
         if not _is_ip(target.host):
             target = Target(target.transport, call.source.host, call.source.port)
         if target.transport == call.source.transport == "tcp":
             target = Target("tcp", target.host, target.port, call.source.conn)
-        txn = self.stack.send_request(request, target, self.now())
+        return target
+
+    def send_in_dialog(self, call: Call, request: Request, on_final: Callable[[Response | None], None] | None = None) -> None:
+        txn = self.stack.send_request(request, self.in_dialog_target(call), self.now())
         if txn is not None:
             txn.user = (call, on_final)
         self._flush()
@@ -170,6 +182,9 @@ class UserAgent:
         if not isinstance(user, tuple):
             return
         call, on_final = user
+        if call is not None and txn is getattr(call, "client_invite", None):
+            on_final(response)  # a dial-out INVITE: its call sees every response, provisional too
+            return
         if txn.method == "INVITE" and 200 <= response.status < 300 and call is not None and call.dialog is not None:
             ack = call.dialog.create_ack(response.cseq[0])
             self.stack.send_request(ack, txn.target, self.now())
@@ -295,10 +310,10 @@ class UserAgent:
             self._reject(request, txn, 415, "Unsupported Media Type", Accept="application/sdp")
             return
         number = (ruri.user or "").split(";")[0]
-        did = self.config.did(number)
+        did = self.find_did(number)
         if did is None and request.to.uri.user:  # delivered to our registered contact: the DID is in To
             number = request.to.uri.user.split(";")[0]
-            did = self.config.did(number)
+            did = self.find_did(number)
         if did is None or did.route not in self.apps:
             self._reject(request, txn, 404, "Not Found")
             log.event(logger, "call.refused", logging.INFO, reason="unknown_did", did=number, **fields)
@@ -314,7 +329,8 @@ class UserAgent:
     def _start_call(self, request: Request, txn: ServerInviteTransaction, source: Target, trunk: TrunkConfig, did: DidConfig) -> None:
         from_ = request.from_
         caller = from_.uri.user or from_.uri.host
-        call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller)
+        call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller,
+                    route=did.route)
         self.calls[call.voice_id] = call
         call.pending_key = id(txn)
         self.pending[id(txn)] = call
@@ -323,6 +339,7 @@ class UserAgent:
                            "transport": source.transport, "call_id": request.call_id, "route": did.route})
         log.event(logger, "call.initiated", voice_id=call.voice_id, did=did.number, trunk=trunk.name,
                   caller=caller, route=did.route, transport=source.transport)
+        self.on_call_event(call, "initiated", {"from": caller, "to": did.number, "route": did.route})
         try:
             if request.body:
                 params = call.negotiate_offer(request.body)

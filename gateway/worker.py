@@ -10,19 +10,22 @@ from pathlib import Path
 from aiohttp import web
 
 from . import log
+from .api import VoiceApi
 from .apps.echo import echo
-from .apps.ivr import IvrServices, make_dial_in
+from .apps.ivr import IvrServices, make_api_route, make_dial_in
 from .bridge import EmbeddedRoomConnector
 from .cdr import CdrStore
-from .config import Config
+from .config import Config, DidConfig
 from .guard import AttemptLimiter
 from .http import make_app
 from .media.clock import MediaClock
+from .projects import ProjectStore
 from .prompts import PromptError, PromptLibrary, prompt_sets
 from .registration import Registration
 from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
 from .roomservice.server import restrict_ice, service_secrets
 from .ua import App, UserAgent
+from .webhooks import Notifier
 
 logger = logging.getLogger("gateway.worker")
 
@@ -34,6 +37,9 @@ class Worker:
         self.cdr = CdrStore(config.data_dir, worker=name)
         self.clock = MediaClock()
         self.rooms = RoomStore(config.data_dir)
+        self.projects = ProjectStore(config.data_dir)
+        for project in config.projects:
+            self.projects.ensure(project)
         self.prompts = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
         d = config.directory
         self.directory: Directory = (
@@ -46,20 +52,38 @@ class Worker:
         if config.room_service.embedded or config.room_service.url:
             restrict_ice(config.room_service.ice_addresses)
             connector = EmbeddedRoomConnector(config, service_secrets(config)["secret"])
-        dial_in = make_dial_in(IvrServices(config, self.prompts, self.directory, limiter, self.rooms, connector))
-        apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in}
+        services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, connector, self.projects)
+        dial_in = make_dial_in(services)
+        apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in, "api": make_api_route(services)}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
+        self.ua.find_did = self._find_did
+        self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
+        self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier)
+        self.ua.listener = self.api.on_call_event
         self._prerender: asyncio.Task[None] | None = None
         self.registrations = [Registration(self.ua, t) for t in config.trunks if t.register is not None]
         self.ready = False
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
 
+    def _find_did(self, number: str) -> DidConfig | None:
+        """A configured DID, else a project's number with in=true (route "api": the application decides)."""
+        did = self.config.did(number)
+        if did is not None:
+            return did
+        project = self.projects.by_number(number)
+        return None if project is None else DidConfig(number=number, route="api", project=project.name)
+
+    def _webhook_key(self, project: str) -> str | None:
+        found = self.projects.by_name(project)
+        return found.app_key if found is not None else None
+
     async def start(self) -> None:
         stale = self.cdr.close_stale("gateway_restart", worker=self.name)
         if stale:
             log.event(logger, "cdr.closed_stale", logging.WARNING, count=len(stale))
         self.clock.start()
+        self.notifier.start()
         await self.ua.start()
         for registration in self.registrations:
             registration.start()
@@ -96,7 +120,9 @@ class Worker:
         self.clock.stop()
         if self._runner:
             await self._runner.cleanup()
+        await self.notifier.close()
         self.cdr.close()
+        self.projects.close()
         self.prompts.close()
         self.rooms.close()
         if isinstance(self.directory, HttpDirectory):

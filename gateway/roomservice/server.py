@@ -2,7 +2,8 @@
 room page, and moderation. It runs in its own process (`gateway rooms serve`; `gateway run` starts it
 beside the worker), so its media work never shares the gateway's interpreter lock.
 
-REST (HTTP Basic with the service's api_user/api_key):
+REST (HTTP Basic: a project's app_id:app_key, which sees its own rooms only, or the service's
+api_user:api_key, which sees every room and creates rooms in `project` (default: the first configured)):
     POST   /video/v1/rooms                          {name, settings: {sip: {enabled}, wait_for_moderator}}
     GET    /video/v1/rooms/{room_id}
     GET    /video/v1/rooms/{room_id}/participants
@@ -30,6 +31,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from .. import log
 from ..config import Config
+from ..projects import ProjectStore
 from ..rooms import RoomStore
 from .mixer import IdleVideo, Participant, Room, RoomClock
 
@@ -89,6 +91,9 @@ class RoomService:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = RoomStore(config.data_dir)
+        self.projects = ProjectStore(config.data_dir)
+        for project in config.projects:
+            self.projects.ensure(project)
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self.rooms: dict[str, Room] = {}
@@ -112,10 +117,15 @@ class RoomService:
                 try:
                     user, _, key = base64.b64decode(header[6:]).decode().partition(":")
                     ok = hmac.compare_digest(user, self.config.room_service.api_user) and hmac.compare_digest(key, self.api_key)
+                    request["project"] = None  # the service's own credentials: every room
+                    if not ok:
+                        project = await asyncio.to_thread(self.projects.authenticate, user, key)
+                        ok = project is not None
+                        request["project"] = project.name if project else None
                 except (ValueError, UnicodeDecodeError):
                     ok = False
             if not ok:
-                r = error(401, "unauthorized", "HTTP Basic credentials (api_user:api_key) required")
+                r = error(401, "unauthorized", "HTTP Basic credentials (app_id:app_key, or api_user:api_key) required")
                 r.headers["WWW-Authenticate"] = 'Basic realm="rooms"'
                 return r
         return await handler(request)
@@ -139,28 +149,39 @@ class RoomService:
         wait = settings.get("wait_for_moderator", False)
         if not isinstance(wait, bool):
             return error(400, "invalid_settings", "settings.wait_for_moderator: a boolean")
+        project = request.get("project")
+        if project is None:
+            project = body.get("project", self.config.projects[0].name if self.config.projects else "")
+            if not isinstance(project, str) or await asyncio.to_thread(self.projects.by_name, project) is None:
+                return error(400, "invalid_project", "project: the name of an existing project")
         rooms = self.config.rooms
         room = await asyncio.to_thread(self.store.create, name, bool(sip.get("enabled")), rooms.meeting_id_digits,
-                                       rooms.pin_digits, {"wait_for_moderator": wait})
-        log.event(logger, "room.created", room_id=room["room_id"], sip=bool(sip.get("enabled")))
+                                       rooms.pin_digits, {"wait_for_moderator": wait}, None, project)
+        log.event(logger, "room.created", room_id=room["room_id"], sip=bool(sip.get("enabled")), project=project)
         return web.json_response(self.room_json(room), status=201)
 
-    async def get_room(self, request: web.Request) -> web.Response:
+    async def _visible(self, request: web.Request) -> dict[str, Any] | None:
+        """The room named in the path, if it exists and the credentials may see it."""
         room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
+        project = request.get("project")
+        return None if room is None or (project is not None and room["project"] != project) else room
+
+    async def get_room(self, request: web.Request) -> web.Response:
+        room = await self._visible(request)
         if room is None:
             return error(404, "room_not_found", "no room with this room_id")
         return web.json_response(self.room_json(room))
 
     async def participants(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
-        if await asyncio.to_thread(self.store.get, room_id) is None:
+        if await self._visible(request) is None:
             return error(404, "room_not_found", "no room with this room_id")
         live = self.rooms.get(room_id)
         return web.json_response({"room_id": room_id, "participants": [p.public() for p in live.participants.values()] if live else []})
 
     async def delete_room(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
-        if not await asyncio.to_thread(self.store.delete, room_id):
+        if await self._visible(request) is None or not await asyncio.to_thread(self.store.delete, room_id):
             return error(404, "room_not_found", "no room with this room_id")
         live = self.rooms.pop(room_id, None)
         if live is not None:
@@ -337,6 +358,7 @@ def serve(config: Config) -> None:
                 await service._close(room, p)
         await runner.cleanup()
         service.store.close()
+        service.projects.close()
         log.event(logger, "rooms.stopped")
 
     asyncio.run(main())

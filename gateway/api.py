@@ -1,0 +1,332 @@
+"""The Voice API (EnableX Voice Server shape) on the worker's HTTP port, and the webhooks of every call.
+
+    POST   /voice/v1/room/{room_id}/join                    dial a number out and bridge it into the room
+    PUT    /voice/v1/room/{room_id}/call/{voice_id}/join    bridge a live call into a room ("new": a new room)
+    DELETE /voice/v1/room/{room_id}/call/{voice_id}         take it out of the room: hang up (or ?park=true)
+    GET    /voice/v1/calls, /voice/v1/calls/{voice_id}      the project's calls, one call with its CDR events
+    GET    /voice/v1/openapi.json                           this API as OpenAPI 3
+
+HTTP Basic with a project's app_id:app_key on every /voice route; a project sees and acts on its own calls
+and rooms only (another project's voice_id or room_id is "not found"). Missing or wrong credentials give
+401 with WWW-Authenticate (the EnableX table says 407, which HTTP reserves for proxies). Errors are JSON:
+{"error": {"code", "message", "field"?}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from . import cdr, log
+from .apps.ivr import IvrServices, run_hosted
+from .call import Call
+from .config import TrunkConfig
+from .control import BRIDGEABLE, Order, Steering
+from .openapi import OPENAPI
+from .outbound import DialError, OutboundCall
+from .projects import Project, ProjectStore, normalize_number
+from .rooms import RoomStore
+from .webhooks import Notifier
+
+if TYPE_CHECKING:
+    from .ua import UserAgent
+
+logger = logging.getLogger("gateway.api")
+MAX_TEXT = 128
+MAX_URL = 2048
+JOIN_WAIT_S = 20.0  # PUT join answers once the call is in the room (or the join failed)
+WEBHOOK_STATES = {"ringing", "answered", "joined", "removed"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    def response(self) -> web.Response:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field:
+            err["field"] = self.field
+        r = web.json_response({"error": err}, status=self.status)
+        if self.status == 401:
+            r.headers["WWW-Authenticate"] = 'Basic realm="voice", charset="UTF-8"'
+        return r
+
+
+def timestamp(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = MAX_TEXT) -> str:
+    value = body.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value) or len(value) > limit:
+        need = "a non-empty string" if required else "a string"
+        raise ApiError(400, "invalid_input", f"{key}: {need} of at most {limit} characters", key)
+    return value
+
+
+class VoiceApi:
+    def __init__(self, ua: UserAgent, projects: ProjectStore, rooms: RoomStore, services: IvrServices,
+                 notifier: Notifier) -> None:
+        self.ua = ua
+        self.config = ua.config
+        self.projects = projects
+        self.rooms = rooms
+        self.services = services
+        self.notifier = notifier
+
+    # -- plumbing
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/voice/"):
+            return await handler(request)  # type: ignore[no-any-return]
+        try:
+            request["project"] = self._authenticate(request.headers.get("Authorization", ""))
+            return await handler(request)  # type: ignore[no-any-return]
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:  # unknown route, wrong method, body too large: JSON too
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+            r = ApiError(exc.status, code, exc.reason).response()
+            if exc.status == 405 and "Allow" in exc.headers:
+                r.headers["Allow"] = exc.headers["Allow"]
+            return r
+        except Exception:
+            logger.exception("api.failed", extra={"fields": {"path": request.path, "method": request.method}})
+            return ApiError(500, "internal_error", "the gateway failed to handle this request (logged)").response()
+
+    def _authenticate(self, header: str) -> Project:
+        if header.startswith("Basic "):
+            try:
+                app_id, sep, app_key = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                sep = ""
+            if sep:
+                project = self.projects.authenticate(app_id, app_key)
+                if project is not None:
+                    return project
+        raise ApiError(401, "unauthorized", "HTTP Basic credentials required: the project's app_id and app_key")
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        return body
+
+    def _room(self, room_id: str, project: Project) -> dict[str, Any]:
+        room = self.rooms.get(room_id) if len(room_id) <= 64 else None
+        if room is None or room["project"] != project.name:
+            raise ApiError(404, "room_not_found", f"no room {room_id[:64]!r} in this project", "room_id")
+        return room
+
+    def _call(self, voice_id: str, project: Project) -> Call:
+        call = self.ua.calls.get(voice_id)
+        if call is None or call.info.get("project") != project.name:
+            raise ApiError(404, "call_not_found", "no live call with this voice_id in this project", "voice_id")
+        return call
+
+    def _capacity(self) -> None:
+        if not self.ua.accepting:
+            raise ApiError(503, "draining", "this worker is draining: no new calls")
+        if len(self.ua.calls) >= self.config.sip.max_calls:
+            raise ApiError(503, "at_capacity", f"at capacity ({self.config.sip.max_calls} calls)")
+
+    def _trunk(self, project: Project) -> TrunkConfig:
+        trunks = [t for t in self.config.trunks if t.outbound is not None]
+        wanted = project.trunk or (trunks[0].name if trunks else "")
+        trunk = next((t for t in trunks if t.name == wanted), None)
+        if trunk is None:
+            raise ApiError(500, "outbound_call_failed", "no outbound trunk configured for this project ([trunks.outbound])")
+        return trunk
+
+    # -- routes
+    async def dial(self, request: web.Request) -> web.Response:
+        project: Project = request["project"]
+        room_id = request.match_info["room_id"]
+        body = await self._body(request)
+        from_ = _text(body, "from", required=True)
+        to = _text(body, "to", required=True, limit=256)
+        name, owner_ref = _text(body, "name"), _text(body, "owner_ref")
+        event_url = _text(body, "event_url", limit=MAX_URL)
+        try:
+            normalize_number(from_)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_input", f"from: {exc}", "from") from None
+        if not project.can_call_from(from_):
+            raise ApiError(400, "invalid_input", "from: not one of the project's numbers with out=true", "from")
+        if not to.startswith("sip:"):
+            try:
+                normalize_number(to)
+            except ValueError as exc:
+                raise ApiError(400, "invalid_input", f"to: {exc} (or a sip: URI)", "to") from None
+        if event_url and not event_url.startswith(("http://", "https://")):
+            raise ApiError(400, "invalid_input", "event_url: an http(s):// URL", "event_url")
+        self._room(room_id, project)
+        self._capacity()
+        trunk = self._trunk(project)
+        try:
+            call = OutboundCall(self.ua, trunk, to, from_, trunk=trunk.name, project=project.name, caller=to,
+                                room_id=room_id, event_url=event_url, owner_ref=owner_ref, name=name,
+                                **{"from": from_, "to": to})
+        except DialError as exc:
+            raise ApiError(400, "invalid_input", str(exc), "to") from None
+        call.control = Steering()
+        self.ua.calls[call.voice_id] = call
+        self.ua.cdr.open_call(call.voice_id, "outbound", **{"from": from_, "to": to, "trunk": trunk.name,
+                              "project": project.name, "room_id": room_id, "name": name, "owner_ref": owner_ref,
+                              "call_id": call.call_id})
+        log.event(logger, "call.dialling", voice_id=call.voice_id, room_id=room_id, trunk=trunk.name, project=project.name)
+        self.on_call_event(call, "initiated", {"room_id": room_id})
+        call.task = asyncio.get_running_loop().create_task(self._run_outbound(call, room_id))
+        return web.json_response({"state": "initiated", "voice_id": call.voice_id, "room_id": room_id,
+                                  "timestamp": timestamp()})
+
+    async def _run_outbound(self, call: OutboundCall, room_id: str) -> None:
+        try:
+            if await call.place(self.config.api.ring_timeout_s):
+                await run_hosted(call, self.services, Order("join", room_id))
+        except Exception as exc:
+            logger.exception("call.app_failed", extra={"fields": {"voice_id": call.voice_id}})
+            call.hangup("internal_error", error=str(exc))
+        finally:
+            if not call.ended.is_set():
+                call.hangup("app_finished")
+
+    async def bridge(self, request: web.Request) -> web.Response:
+        project: Project = request["project"]
+        room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
+        call = self._call(voice_id, project)
+        steer: Steering | None = call.control
+        if steer is None or steer.phase not in BRIDGEABLE or not call.answered.is_set():
+            phase = steer.phase if steer is not None else call.state
+            raise ApiError(409, "call_not_bridgeable", f"the call is {phase}; it can join a room once answered "
+                           "(in the IVR, parked, or in another room)", "voice_id")
+        if room_id == "new":
+            rooms = self.config.rooms
+            room = await asyncio.to_thread(self.rooms.create, f"Call {voice_id[:8]}", True, rooms.meeting_id_digits,
+                                           rooms.pin_digits, {}, None, project.name)
+            room_id = room["room_id"]
+            log.event(logger, "room.created", room_id=room_id, project=project.name, voice_id=voice_id)
+        else:
+            self._room(room_id, project)
+        if steer.phase == "in_room" and steer.room_id == room_id:
+            raise ApiError(409, "already_in_room", "the call is already in this room", "room_id")
+        order = Order("join", room_id)
+        steer.give(order)
+        error = await self._outcome(order, JOIN_WAIT_S)
+        if error is not None:
+            raise ApiError(500, "room_join_failed", error, "room_id")
+        return web.json_response({"state": "joined", "voice_id": voice_id, "room_id": room_id, "timestamp": timestamp()})
+
+    async def remove(self, request: web.Request) -> web.Response:
+        project: Project = request["project"]
+        room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
+        park = request.query.get("park", "false").lower()
+        if park not in ("true", "false"):
+            raise ApiError(400, "invalid_input", "park: true or false", "park")
+        call = self._call(voice_id, project)
+        steer: Steering | None = call.control
+        if steer is None or steer.room_id != room_id or steer.phase not in ("joining", "in_room"):
+            raise ApiError(409, "not_in_room", "the call is not in this room", "room_id")
+        order = Order("leave", room_id, park=park == "true")
+        steer.give(order)
+        error = await self._outcome(order, 10.0)
+        if error is not None and not call.ended.is_set():
+            raise ApiError(500, "remove_failed", error)
+        return web.json_response({"state": "removed", "voice_id": voice_id, "room_id": room_id, "timestamp": timestamp()})
+
+    @staticmethod
+    async def _outcome(order: Order, timeout: float) -> str | None:
+        try:
+            return await asyncio.wait_for(asyncio.shield(order.done), timeout)
+        except TimeoutError:
+            return f"no outcome within {timeout:.0f} s"
+
+    async def list_calls(self, request: web.Request) -> web.Response:
+        project: Project = request["project"]
+        raw = request.query.get("limit", "100")
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise ApiError(400, "invalid_input", "limit: an integer from 1 to 1000", "limit")
+        active = request.query.get("active", "false").lower()
+        if active not in ("true", "false"):
+            raise ApiError(400, "invalid_input", "active: true or false", "active")
+        rows = await asyncio.to_thread(cdr.list_calls, self.config.data_dir, int(raw), active == "true", project.name)
+        return web.json_response({"calls": [self._public(r) for r in rows]})
+
+    async def get_call(self, request: web.Request) -> web.Response:
+        project: Project = request["project"]
+        voice_id = request.match_info["voice_id"]
+        row = await asyncio.to_thread(cdr.get_call, self.config.data_dir, voice_id) if len(voice_id) <= 64 else None
+        if row is None or row.get("project") != project.name:
+            raise ApiError(404, "call_not_found", "no call with this voice_id in this project", "voice_id")
+        out = self._public(row)
+        out["events"] = row["events"]
+        live = self.ua.calls.get(voice_id)
+        if live is not None and live.control is not None:
+            out["phase"] = live.control.phase
+            out["room_id"] = live.control.room_id or out["room_id"]
+        return web.json_response(out)
+
+    @staticmethod
+    def _public(row: dict[str, Any]) -> dict[str, Any]:
+        return {"voice_id": row["voice_id"], "direction": row["direction"], "from": row["from_number"],
+                "to": row["to_number"], "state": row["state"], "room_id": row["room_id"], "reason": row["reason"],
+                "sip_code": row["sip_code"], "started_at": row["started_at"], "answered_at": row["answered_at"],
+                "ended_at": row["ended_at"]}
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI)
+
+    def routes(self, app: web.Application) -> None:
+        app.middlewares.append(self.middleware)
+        app.router.add_get("/voice/v1/openapi.json", self.openapi)
+        app.router.add_post("/voice/v1/room/{room_id}/join", self.dial)
+        app.router.add_put("/voice/v1/room/{room_id}/call/{voice_id}/join", self.bridge)
+        app.router.add_delete("/voice/v1/room/{room_id}/call/{voice_id}", self.remove)
+        app.router.add_get("/voice/v1/calls", self.list_calls)
+        app.router.add_get("/voice/v1/calls/{voice_id}", self.get_call)
+
+    # -- webhooks: the call's events, as the application sees them
+    def on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
+        info = call.info
+        project = self.projects.by_name(str(info.get("project", "")))
+        url = info.get("event_url") or (project.notification_url if project else "")
+        if not url or project is None:
+            return
+        if state == "initiated":
+            state = "initiated" if call.direction == "outbound" else "incoming"
+        elif state == "disconnected":
+            state = "failed" if call.direction == "outbound" and not call.answered.is_set() else "disconnected"
+        elif state not in WEBHOOK_STATES:
+            return
+        steer = call.control
+        payload: dict[str, Any] = {
+            "state": state, "voice_id": call.voice_id,
+            "room_id": data.get("room_id") or (steer.room_id if steer is not None else "") or info.get("room_id") or None,
+            "timestamp": timestamp(), "direction": call.direction,
+            "from": info.get("from") or info.get("caller"), "to": info.get("to") or info.get("did"),
+        }
+        for key in ("name", "owner_ref"):
+            if info.get(key):
+                payload[key] = info[key]
+        if state in ("failed", "disconnected"):
+            payload["code"] = data.get("code")
+            payload["reason"] = data.get("sip_reason") or data.get("reason")
+        self.notifier.emit(str(url), project.name, call.voice_id, payload)

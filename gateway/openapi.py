@@ -1,0 +1,106 @@
+"""The Voice API as an OpenAPI 3 document (served at /voice/v1/openapi.json; schemathesis tests against it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+_ROOM = {"name": "room_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64},
+         "description": "the room (PUT also takes `new`: a new room is created first)"}
+_VOICE = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+_COMMON = {"401": _error("missing or wrong credentials (the EnableX table says 407; HTTP reserves 407 for proxies)"),
+           "400": _error("invalid input: `error.field` names the field"),
+           "404": _error("room_id or voice_id not found in this project")}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "gateway Voice API", "version": "1.0.0",
+             "description": "Dial phones into video rooms, bridge live calls, remove them; call progress goes to "
+                            "webhooks signed with X-Voice-Signature: sha256=HMAC-SHA256(app_key, body)."},
+    "servers": [{"url": "/"}],
+    "security": [{"basic": []}],
+    "paths": {
+        "/voice/v1/room/{room_id}/join": {
+            "post": {
+                "summary": "Dial a number out through the project's trunk and bridge it into the room when answered",
+                "parameters": [_ROOM],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Dial"}}}},
+                "responses": {"200": _ok("CallState", "the call is being placed (state initiated)"), **_COMMON,
+                              "500": _error("outbound call failed (no outbound trunk)"),
+                              "503": _error("at capacity or draining")},
+            }
+        },
+        "/voice/v1/room/{room_id}/call/{voice_id}/join": {
+            "put": {
+                "summary": "Bridge a live call (in the IVR, parked, an `api` DID, or in another room) into the room",
+                "parameters": [_ROOM, _VOICE],
+                "responses": {"200": _ok("CallState", "the call is in the room (state joined)"), **_COMMON,
+                              "409": _error("the call is not in a bridgeable state"),
+                              "500": _error("room join failed")},
+            }
+        },
+        "/voice/v1/room/{room_id}/call/{voice_id}": {
+            "delete": {
+                "summary": "Take the call out of the room and hang up (or park it on hold with park=true)",
+                "parameters": [_ROOM, _VOICE, {"name": "park", "in": "query", "required": False,
+                                               "schema": {"type": "string", "enum": ["true", "false"]}}],
+                "responses": {"200": _ok("CallState", "removed"), **_COMMON,
+                              "409": _error("the call is not in this room")},
+            }
+        },
+        "/voice/v1/calls": {
+            "get": {
+                "summary": "The project's calls, newest first",
+                "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                               {"name": "active", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}}],
+                "responses": {"200": _ok("CallList", "calls"), "400": _COMMON["400"], "401": _COMMON["401"]},
+            }
+        },
+        "/voice/v1/calls/{voice_id}": {
+            "get": {
+                "summary": "One call: its state and every CDR event",
+                "parameters": [_VOICE],
+                "responses": {"200": _ok("Call", "the call"), "401": _COMMON["401"], "404": _COMMON["404"]},
+            }
+        },
+        "/voice/v1/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}, "401": _COMMON["401"]}}
+        },
+    },
+    "components": {
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic", "description": "app_id:app_key of a project"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}},
+            "Dial": {"type": "object", "required": ["from", "to"], "properties": {
+                "name": {"type": "string", "maxLength": 128},
+                "owner_ref": {"type": "string", "maxLength": 128},
+                "from": {"type": "string", "description": "one of the project's numbers with out=true (E.164)"},
+                "to": {"type": "string", "description": "E.164 number or sip: URI", "maxLength": 256},
+                "event_url": {"type": "string", "description": "webhook for this call (default: the project's notification_url)"}}},
+            "CallState": {"type": "object", "required": ["state", "voice_id", "room_id", "timestamp"], "properties": {
+                "state": {"type": "string", "enum": ["initiated", "joined", "removed"]},
+                "voice_id": {"type": "string"}, "room_id": {"type": "string"},
+                "timestamp": {"type": "string", "format": "date-time"}}},
+            "Call": {"type": "object", "required": ["voice_id", "state"], "properties": {
+                "voice_id": {"type": "string"}, "direction": {"type": "string"},
+                "from": {"type": "string", "nullable": True}, "to": {"type": "string", "nullable": True},
+                "state": {"type": "string"}, "room_id": {"type": "string", "nullable": True},
+                "reason": {"type": "string", "nullable": True}, "sip_code": {"type": "integer", "nullable": True},
+                "started_at": {"type": "number"}, "answered_at": {"type": "number", "nullable": True},
+                "ended_at": {"type": "number", "nullable": True}, "phase": {"type": "string"},
+                "events": {"type": "array", "items": {"type": "object"}}}},
+            "CallList": {"type": "object", "required": ["calls"], "properties": {
+                "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}}}},
+        },
+    },
+}

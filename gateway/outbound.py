@@ -1,0 +1,243 @@
+"""Dial-out: a call we place through a trunk (we are the UAC).
+
+    call = OutboundCall(ua, trunk, to="+15551230000", from_="15550100000", ...)
+    if await call.place(ring_timeout):     # INVITE (digest on 401/407), 18x -> ringing, 2xx -> ACK + media
+        ...                                # then the same Call API as an inbound call
+
+Our INVITE carries the SDP offer (PCMU/PCMA + telephone-event); the 2xx carries the answer. A far end that
+answers non-2xx ends the call with its status and reason; no answer within the ring timeout sends CANCEL
+(state failed, code 408). Hanging up before the answer sends CANCEL; a 2xx that crosses our CANCEL gets
+ACK then BYE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from .call import Call, SessionTimer
+from .config import TrunkConfig
+from .media.ports import PortsExhausted
+from .media.session import RtpSession
+from .sip.auth import Credentials, DigestClient
+from .sip.dialog import Dialog
+from .sip.message import Headers, Request, Response, SipParseError, SipUri
+from .sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from .sip.transaction import ClientInviteTransaction, Target, _is_ip
+
+if TYPE_CHECKING:
+    from .ua import UserAgent
+
+logger = logging.getLogger("gateway.outbound")
+MAX_AUTH_ROUNDS = 2
+
+
+class DialError(ValueError):
+    """The destination cannot be dialled (bad URI, no route): the API answers 400/500 with it."""
+
+
+def request_uri(to: str, proxy: SipUri) -> str:
+    """sip:NUMBER@proxy for an E.164 number; a SIP URI is used as given (still sent via the trunk's proxy)."""
+    if to.startswith(("sip:", "sips:")):
+        try:
+            uri = SipUri.parse(to)
+        except SipParseError as exc:
+            raise DialError(f"to: {exc}") from None
+        if uri.scheme != "sip" or not uri.host:
+            raise DialError("to: a sip: URI with a host")
+        return str(uri)
+    port = f":{proxy.port}" if proxy.port else ""
+    return f"sip:{to}@{proxy.host}{port}"
+
+
+class OutboundCall(Call):
+    def __init__(self, ua: UserAgent, via: TrunkConfig, dial_to: str, dial_from: str, **info: Any) -> None:
+        if via.outbound is None:
+            raise DialError(f"trunk {via.name} has no [trunks.outbound] section")
+        self.via = via
+        out = via.outbound
+        self.proxy = SipUri.parse(out.proxy)
+        self.ruri = request_uri(dial_to, self.proxy)
+        transport = self.proxy.transport if self.proxy.transport in ("udp", "tcp") else "udp"
+        target = Target(transport, self.proxy.host, self.proxy.port or 5060)
+        super().__init__(ua, Request("INVITE", self.ruri), None, target, **info)  # type: ignore[arg-type]
+        self.direction = "outbound"
+        self.call_id = f"{uuid.uuid4().hex}@{ua.media_host}"
+        self.from_uri = f"sip:{dial_from}@{out.from_domain or self.proxy.host}"
+        self.cseq = 0
+        self.client_invite: ClientInviteTransaction | None = None
+        self.digest = DigestClient(Credentials(out.username, out.password)) if out.username else None
+        self.auth_rounds = 0
+        self.final_status: int | None = None
+        self.final_reason = ""
+        self.remote_allow: list[str] = []
+        self.failed = asyncio.Event()
+        self.rang = False
+
+    # -- placing the call
+    async def place(self, ring_timeout: float) -> bool:
+        """Send the INVITE and wait for the answer; False when the call failed (its CDR is closed)."""
+        cfg = self.ua.config.rtp
+        codec = cfg.codecs[0]
+        params = MediaParams(self.source.host, 0, codec, 0 if codec == "PCMU" else 8, cfg.telephone_event_pt, "sendrecv")
+        media = RtpSession(self.ua.clock, self.ua.ports, params, (cfg.jitter_min_ms, cfg.jitter_max_ms))
+        try:
+            await media.open(self.ua.media_host)
+        except (OSError, PortsExhausted) as exc:
+            self._fail(503, "no RTP port", error=str(exc))
+            return False
+        self.media = media
+        if not _is_ip(self.source.host):
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(self.source.host, self.source.port)
+                self.source = Target(self.source.transport, str(infos[0][4][0]), self.source.port)
+            except OSError as exc:
+                self._fail(503, "trunk unresolvable", error=str(exc))
+                return False
+        self._send_invite(None)
+        try:
+            await asyncio.wait_for(self.wait_until(self.answered), ring_timeout)
+        except TimeoutError:
+            self._cancel("no_answer", 408, "Request Timeout")
+        return self.answered.is_set() and not self.ended.is_set()
+
+    def _offer(self) -> bytes:
+        assert self.media is not None
+        cfg = self.ua.config.rtp
+        codecs = [(c, 0 if c == "PCMU" else 8) for c in cfg.codecs]
+        return build_sdp(self.ua.media_host, self.media.port, codecs, cfg.telephone_event_pt, "sendrecv",
+                         self._sdp_session, self._sdp_version)
+
+    def _send_invite(self, authorization: tuple[str, str] | None) -> None:
+        self.cseq += 1
+        h = Headers()
+        h.add("Max-Forwards", "70")
+        h.add("From", f"<{self.from_uri}>;tag={self.local_tag}")
+        h.add("To", f"<{self.ruri}>")
+        h.add("Call-ID", self.call_id)
+        h.add("CSeq", f"{self.cseq} INVITE")
+        h.add("Contact", self.ua.contact(self.source.transport))
+        h.add("Allow", self.ua.allow)
+        h.add("Supported", "timer")
+        h.add("User-Agent", self.ua.config.sip.user_agent)
+        if authorization:
+            h.add(*authorization)
+        h.add("Content-Type", "application/sdp")
+        self.invite = Request("INVITE", self.ruri, h, self._offer())
+        txn = self.ua.stack.send_request(self.invite, self.source, self.ua.now())
+        assert isinstance(txn, ClientInviteTransaction)
+        txn.user = (self, self.on_invite_response)
+        self.client_invite = txn
+        self.ua._flush()
+
+    # -- responses to our INVITE (every one, provisional too; None = no answer at all)
+    def on_invite_response(self, response: Response | None) -> None:
+        if response is None:
+            if not self.ended.is_set():
+                self._fail(408, "Request Timeout", error="no response from the trunk")
+            return
+        status = response.status
+        if status < 200:
+            if status in (180, 183) and not self.rang and not self.ended.is_set():
+                self.rang = True
+                self.record("ringing", code=status)
+        elif status < 300:
+            self._on_2xx(response)
+        elif self.ended.is_set():
+            pass  # e.g. the 487 for our CANCEL
+        elif status in (401, 407) and self.digest is not None and self.auth_rounds < MAX_AUTH_ROUNDS:
+            self._authenticate(response)
+        else:
+            self._fail(status, response.reason)
+
+    def _authenticate(self, response: Response) -> None:
+        assert self.digest is not None
+        header = "www-authenticate" if response.status == 401 else "proxy-authenticate"
+        challenges = response.headers.get_all(header)
+        self.auth_rounds += 1
+        for challenge in challenges:  # the first one we can answer (algorithm MD5 / SHA-256, qop auth)
+            try:
+                value = self.digest.authorization(challenge, "INVITE", self.ruri)
+            except ValueError:
+                continue
+            self.record("auth_challenged", code=response.status, round=self.auth_rounds)  # never the credentials
+            self._send_invite(("Authorization" if response.status == 401 else "Proxy-Authorization", value))
+            return
+        self._fail(response.status, response.reason, error="no challenge we can answer")
+
+    def _on_2xx(self, response: Response) -> None:
+        txn = self.client_invite
+        assert txn is not None
+        if self.dialog is not None:  # a retransmitted 2xx: ACK it again
+            self._ack(response)
+            return
+        self.dialog = Dialog.as_uac(self.invite, response, self.source.transport)
+        self.dialog.contact = self.ua.contact(self.source.transport)
+        self.ua.register_dialog(self)
+        self._ack(response)
+        if self.ended.is_set():  # answered after we gave up (CANCEL crossed the 2xx): hang up at once
+            bye = self.dialog.create_request("BYE")
+            self.ua.send_in_dialog(self, bye)
+            return
+        self.remote_allow = [a.strip().upper() for v in response.headers.get_all("allow") for a in v.split(",")]
+        try:
+            params = negotiate(SessionDescription.parse(response.body), tuple(self.ua.config.rtp.codecs))
+        except SdpError as exc:
+            self.answered.set()
+            self.record("media_failed", logging.WARNING, error=str(exc))
+            self.hangup("incompatible_sdp", error=str(exc))
+            return
+        assert self.media is not None
+        self.media.update(params)
+        self._answered_once = True
+        self._negotiate_uac_timer(response)
+        self.answered.set()
+        self.confirmed.set()
+        self.record("answered", codec=params.codec, rtp_port=self.media.port,
+                    remote_rtp=f"{params.remote_host}:{params.remote_port}")
+        self._arm_session_timer()
+
+    def _ack(self, response: Response) -> None:
+        assert self.dialog is not None
+        ack = self.dialog.create_ack(response.cseq[0])
+        self.ua.stack.send_request(ack, self.ua.in_dialog_target(self), self.ua.now())
+        self.ua._flush()
+
+    def _negotiate_uac_timer(self, response: Response) -> None:
+        """RFC 4028 from the UAC side: the 2xx says who refreshes; "uac" is us."""
+        se = response.headers.get("session-expires")
+        if not se:
+            return
+        value, _, params = se.partition(";")
+        if value.strip().isdigit():
+            ours = "refresher=uac" in params.replace(" ", "").lower()
+            self.session_timer = SessionTimer(int(value.strip()), "uas" if ours else "uac")
+
+    def peer_allow(self) -> list[str]:
+        return self.remote_allow
+
+    # -- ending
+    def _fail(self, status: int, reason: str, **data: Any) -> None:
+        self.final_status, self.final_reason = status, reason
+        self.failed.set()
+        self._end("failed", status, sip_reason=reason, **data)
+
+    def _cancel(self, why: str, status: int, reason: str) -> None:
+        txn = self.client_invite
+        if txn is not None and txn.state in ("calling", "proceeding"):
+            self.ua.stack.cancel(txn, self.ua.now())
+            self.ua._flush()
+        if why == "no_answer":
+            self._fail(status, reason, error="no answer within the ring timeout")
+        else:
+            self._end(why, None, by="gateway")
+
+    def hangup(self, reason: str = "gateway_hangup", **cdr: Any) -> None:
+        if self.ended.is_set():
+            return
+        if self.dialog is None:
+            self._cancel(reason, 487, "Request Terminated")
+            return
+        super().hangup(reason, **cdr)
