@@ -54,7 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         service_secrets(config)  # create the shared secrets before the room service reads them
         cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(config.data_dir),
-               "--port", str(config.room_service.port)]
+               "--port", str(config.room_service.port),
+               "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
         if args.config is not None or DEFAULT_CONFIG.exists():
             cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
         rooms = subprocess.Popen(cmd)  # its own process: media mixing never shares our interpreter lock
@@ -163,6 +164,8 @@ def cmd_rooms_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.port is not None:
         config.room_service.port = args.port
+    if args.voice_api_url:
+        config.room_service.voice_api_url = args.voice_api_url
     log.setup(config.log.level, config.log.format)
     from .roomservice.server import serve
 
@@ -227,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
     serve = rooms.add_parser("serve", help="run the embedded room service (Video API, room page, media)")
     common(serve)
     serve.add_argument("--port", type=int, help="HTTP port (default: room_service.port)")
+    serve.add_argument("--voice-api-url", help="the gateway's Voice API for the page's \"call a phone\"")
     serve.set_defaults(func=cmd_rooms_serve)
     listing = rooms.add_parser("list", help="all rooms (JSON)")
     common(listing)

@@ -107,6 +107,7 @@ class RoomServiceConfig:
     secret: str = ""  # gateway <-> room service token secret; empty: generated into the same file
     ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])  # WebRTC host candidates; [] = all
     mask_digits: int = 4  # a phone participant is shown as its caller number's last N digits
+    voice_api_url: str = ""  # where the room page's "call a phone" goes; empty = this host's http.host:http.port
 
 
 @dataclass

@@ -11,6 +11,8 @@ api_user:api_key, which sees every room and creates rooms in `project` (default:
 Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
     GET    /rooms/{room_id}          the web page
     GET    /rooms/{room_id}/ws       JSON messages: join (with an SDP offer), mute, mute_all, lock, remove, leave
+    POST   /rooms/{room_id}/dial     {to, host}: a moderator calls a phone into the room (the Voice API, with the
+                                     room's project's credentials and its first number with out=true)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aioice.ice
 from aiohttp import WSMsgType, web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -97,6 +100,7 @@ class RoomService:
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self.rooms: dict[str, Room] = {}
+        self.voice_api_url = config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"
         self.clock = RoomClock(self.rooms)
         restrict_ice(config.room_service.ice_addresses)
 
@@ -190,6 +194,35 @@ class RoomService:
                 await self._close(live, p)
         log.event(logger, "room.deleted", room_id=room_id)
         return web.json_response({"room_id": room_id, "state": "deleted"})
+
+    async def dial(self, request: web.Request) -> web.Response:
+        room_id = request.match_info["room_id"]
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "invalid_json", "the body must be JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("to"), str):
+            return error(400, "invalid_input", "to: the number (E.164) or sip: URI to call")
+        if not hmac.compare_digest(str(body.get("host", "")), host_token(self.secret, room_id)):
+            return error(403, "not_moderator", "only the room's moderators (the host link) can call out")
+        room = await asyncio.to_thread(self.store.get, room_id)
+        if room is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        project = await asyncio.to_thread(self.projects.by_name, room["project"])
+        caller_id = next((n.number for n in project.numbers if n.outbound), None) if project else None
+        if project is None or caller_id is None:
+            return error(409, "no_caller_id", f"project {room['project']!r} has no number with out=true to call from")
+        url = f"{self.voice_api_url}/voice/v1/room/{room_id}/join"
+        payload = {"from": caller_id, "to": body["to"], "name": "Called from the room", "owner_ref": "room-page"}
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.post(url, json=payload, auth=aiohttp.BasicAuth(project.app_id, project.app_key)) as r:
+                    answer = await r.json(content_type=None)
+                    status = r.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return error(502, "voice_api_unreachable", f"the gateway's Voice API did not answer: {exc}")
+        log.event(logger, "room.dial", room_id=room_id, status=status, voice_id=(answer or {}).get("voice_id"))
+        return web.json_response(answer, status=status)
 
     # -- page
     async def page(self, request: web.Request) -> web.Response:
@@ -329,6 +362,7 @@ class RoomService:
         app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
         app.router.add_get("/rooms/{room_id}", self.page)
         app.router.add_get("/rooms/{room_id}/ws", self.websocket)
+        app.router.add_post("/rooms/{room_id}/dial", self.dial)
 
         async def on_startup(app: web.Application) -> None:
             self.clock.start()

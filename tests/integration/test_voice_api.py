@@ -296,3 +296,31 @@ def test_schemathesis_finds_no_server_errors(voice: Voice) -> None:
                           "-n", "40", "--no-color", "--seed", "1", "--request-timeout", "30"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_moderator_calls_a_phone_from_the_room_page(voice: Voice) -> None:
+    from tests.integration.browser import Browser, tone_wav
+
+    room = voice.board
+    links = rooms_api(voice.gw, "GET", f"/video/v1/rooms/{room['room_id']}")[1]["links"]
+    phone = far_phone(voice.uas_port, "-sn", "uas")
+    browser = Browser(voice.tmp, tone_wav(voice.tmp / "mic.wav", 440.0, seconds=20))
+    try:
+        browser.join(links["host"], "Host")
+        assert browser.gw()["role"] == "moderator"
+        browser.driver.find_element("id", "dialto").send_keys("15551230042")
+        browser.driver.find_element("id", "dialbtn").click()
+        dial = wait_until(lambda: browser.gw().get("dial"), 15, "the page's dial answer")
+        assert dial["status"] == 200 and dial["state"] == "initiated", dial
+        wait_until(lambda: any(p["kind"] == "phone" for p in browser.participants()), 30, "the phone on the page")
+        assert any(p["kind"] == "phone" and "0042" in p["text"] for p in browser.listed())
+        assert voice.hooks.wait_state(dial["voice_id"], "joined")[-1] == "joined"
+        vid = dial["voice_id"]
+        assert voice.client(voice.acme)("DELETE", f"/voice/v1/room/{room['room_id']}/call/{vid}")[0] == 200
+        finish(phone)
+    finally:
+        browser.close()
+        stop_process(phone)
+    # a participant link (no host token) cannot call out
+    status, body = rooms_api(voice.gw, "POST", f"/rooms/{room['room_id']}/dial", {"to": "15551230042", "host": "x"})
+    assert status == 403 and body["error"]["code"] == "not_moderator"
