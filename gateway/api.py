@@ -22,6 +22,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 
 from . import cdr, log
@@ -32,6 +33,7 @@ from .control import BRIDGEABLE, Order, Steering
 from .openapi import OPENAPI
 from .outbound import DialError, OutboundCall
 from .projects import Project, ProjectStore, normalize_number
+from .registry import CallRegistry
 from .rooms import RoomStore
 from .webhooks import Notifier
 
@@ -43,6 +45,7 @@ MAX_TEXT = 128
 MAX_URL = 2048
 JOIN_WAIT_S = 20.0  # PUT join answers once the call is in the room (or the join failed)
 WEBHOOK_STATES = {"ringing", "answered", "joined", "removed"}
+FORWARDED = "X-Gateway-Forwarded"  # set on a request one worker passes to the worker holding the call
 
 
 class ApiError(Exception):
@@ -76,13 +79,15 @@ def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = M
 
 class VoiceApi:
     def __init__(self, ua: UserAgent, projects: ProjectStore, rooms: RoomStore, services: IvrServices,
-                 notifier: Notifier) -> None:
+                 notifier: Notifier, registry: CallRegistry | None = None) -> None:
         self.ua = ua
         self.config = ua.config
         self.projects = projects
         self.rooms = rooms
         self.services = services
         self.notifier = notifier
+        self.registry = registry
+        self._client: aiohttp.ClientSession | None = None
 
     # -- plumbing
     @web.middleware
@@ -129,6 +134,32 @@ class VoiceApi:
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         return body
+
+    async def _forward(self, request: web.Request) -> web.Response | None:
+        """A call held by another worker (the shared registry says which): pass the request on, unchanged,
+        and answer with what that worker answers. None when the call is here, unknown, or already forwarded."""
+        voice_id = request.match_info.get("voice_id", "")
+        if voice_id in self.ua.calls or self.registry is None or FORWARDED in request.headers:
+            return None
+        url = await self.registry.owner(voice_id)
+        if url is None:
+            return None
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_WAIT_S + 10))
+        headers = {"Authorization": request.headers.get("Authorization", ""), FORWARDED: "1",
+                   "Content-Type": request.headers.get("Content-Type", "application/json")}
+        try:
+            async with self._client.request(request.method, url + request.path_qs, data=await request.read() or None,
+                                            headers=headers) as r:
+                body = await r.read()
+                log.event(logger, "api.forwarded", voice_id=voice_id, to=url, status=r.status)
+                return web.Response(body=body, status=r.status, content_type="application/json")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(503, "worker_unreachable", f"the worker holding this call did not answer: {exc}") from None
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
 
     def _room(self, room_id: str, project: Project) -> dict[str, Any]:
         room = self.rooms.get(room_id) if len(room_id) <= 64 else None
@@ -212,6 +243,8 @@ class VoiceApi:
     async def bridge(self, request: web.Request) -> web.Response:
         project: Project = request["project"]
         room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
+        if (forwarded := await self._forward(request)) is not None:
+            return forwarded
         call = self._call(voice_id, project)
         steer: Steering | None = call.control
         if steer is None or steer.phase not in BRIDGEABLE or not call.answered.is_set():
@@ -241,6 +274,8 @@ class VoiceApi:
         park = request.query.get("park", "false").lower()
         if park not in ("true", "false"):
             raise ApiError(400, "invalid_input", "park: true or false", "park")
+        if (forwarded := await self._forward(request)) is not None:
+            return forwarded
         call = self._call(voice_id, project)
         steer: Steering | None = call.control
         if steer is None or steer.room_id != room_id or steer.phase not in ("joining", "in_room"):
@@ -273,6 +308,8 @@ class VoiceApi:
     async def get_call(self, request: web.Request) -> web.Response:
         project: Project = request["project"]
         voice_id = request.match_info["voice_id"]
+        if (forwarded := await self._forward(request)) is not None:
+            return forwarded
         row = await asyncio.to_thread(cdr.get_call, self.config.data_dir, voice_id) if len(voice_id) <= 64 else None
         if row is None or row.get("project") != project.name:
             raise ApiError(404, "call_not_found", "no call with this voice_id in this project", "voice_id")

@@ -39,6 +39,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (low.isdigit() and high.isdigit() and 1024 <= int(low) < int(high) <= 65535):
             raise ConfigError(f"--rtp-ports: expected A-B with 1024 <= A < B <= 65535, not {args.rtp_ports!r}")
         config.rtp.port_min, config.rtp.port_max = int(low), int(high)
+    if args.workers is not None:
+        config.cluster.workers = args.workers
+        config.cluster.max_workers = max(config.cluster.max_workers, args.workers)
     log.setup(config.log.level, config.log.format)
     from .worker import Worker
 
@@ -48,8 +51,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
+    if not args.cluster_child and (args.workers is not None or config.cluster.workers > 1):
+        from .supervisor import Supervisor
+
+        path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        try:
+            asyncio.run(Supervisor(config, path, config.cluster.workers).run())
+        except (RuntimeError, ValueError) as exc:
+            print(f"gateway: cluster: {exc}", file=sys.stderr)
+            return 1
+        return 0
     rooms = None
-    if config.room_service.embedded:
+    if config.room_service.embedded and not args.no_rooms:
         from .roomservice.server import service_secrets
 
         service_secrets(config)  # create the shared secrets before the room service reads them
@@ -68,6 +81,29 @@ def cmd_run(args: argparse.Namespace) -> int:
                 rooms.wait(10)
             except subprocess.TimeoutExpired:
                 rooms.kill()
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from .supervisor import drain
+
+    try:
+        print(json.dumps(drain(_config(args), args.worker)))
+    except (LookupError, ProcessLookupError) as exc:
+        print(json.dumps({"error": {"code": "not_found", "message": str(exc)}}), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_kamailio_config(args: argparse.Namespace) -> int:
+    from .supervisor import Supervisor, kamailio_files
+
+    config = _config(args)
+    sup = Supervisor(config, args.config, config.cluster.workers)
+    cfg, dispatcher = kamailio_files(config, sup.slots[: config.cluster.workers], sup.run_dir)
+    print(cfg)
+    print("# ---- dispatcher.list ----")
+    print(dispatcher)
     return 0
 
 
@@ -206,7 +242,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int)
     run.add_argument("--rtp-ports", help="RTP port range A-B")
     run.add_argument("--name", default=os.environ.get("GATEWAY_WORKER_NAME", "w1"), help="worker name (CDR)")
+    run.add_argument("--workers", type=int, help="worker processes behind Kamailio (default: cluster.workers)")
+    run.add_argument("--no-rooms", action="store_true", help="do not start the embedded room service")
+    run.add_argument("--cluster-child", action="store_true", help=argparse.SUPPRESS)  # a supervisor's worker
     run.set_defaults(func=cmd_run)
+
+    dr = sub.add_parser("drain", help="drain a worker of this host: no new calls, current ones finish, then it exits")
+    common(dr)
+    dr.add_argument("worker", help="worker name (w1, w2, ...)")
+    dr.set_defaults(func=cmd_drain)
+
+    cluster = sub.add_parser("cluster", help="scale-out helpers").add_subparsers(dest="cluster_command", required=True)
+    kam = cluster.add_parser("kamailio-config", help="print the Kamailio config and dispatcher list for the workers")
+    common(kam)
+    kam.set_defaults(func=cmd_kamailio_config)
 
     calls = sub.add_parser("calls", help="list calls (JSON)")
     common(calls)

@@ -128,6 +128,27 @@ class WebhookConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Scale-out: `gateway run --workers N` runs N workers behind Kamailio with a shared registry in Redis."""
+
+    workers: int = 1  # worker processes `gateway run` starts (--workers N overrides); 1 = no Kamailio, no Redis
+    max_workers: int = 4  # the autoscaler adds workers up to this many
+    redis_url: str = ""  # the shared call registry; empty with several workers: a local redis-server is started
+    redis_port: int = 6390  # ... on this port (127.0.0.1)
+    kamailio: bool = True  # start Kamailio on sip.host:sip.port in front of the workers (false: an external one)
+    worker_sip_port: int = 5070  # worker i listens for SIP on worker_sip_port + i
+    drain_timeout_s: int = 120  # SIGTERM / `gateway drain`: calls in progress may finish for this long
+    cpu_threshold: int = 90  # percent of one core over the last 2 s; above it INVITEs get 503 (0 = off)
+    scale_up_load: int = 80  # start another worker when every worker holds this % of sip.max_calls ...
+    scale_up_rate: int = 20  # ... or takes more than this many new calls per second
+    scale_idle_s: int = 60  # an autoscaled worker idle this long is drained and stopped
+    alarm_url: str = ""  # supervisor events (worker_started, worker_lost, worker_retired, at_max_workers) POSTed here
+    # Balancer addresses whose X-Gateway-Source header (the caller's IP) is trusted; the supervisor adds its
+    # own Kamailio's address for the workers it starts.
+    lb_sources: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -199,6 +220,7 @@ class Config:
     menu: MenuConfig = field(default_factory=MenuConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trunks: list[TrunkConfig] = field(
         default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
     )
@@ -378,6 +400,19 @@ def _validate(c: Config) -> None:
         raise ConfigError("api.park_timeout_s: 5 to 86400")
     if c.webhooks.timeout_s < 1 or c.webhooks.max_backoff_s < 1 or c.webhooks.max_age_s < 1 or c.webhooks.concurrency < 1:
         raise ConfigError("webhooks: timeout_s, max_backoff_s, max_age_s and concurrency must be at least 1")
+    cl = c.cluster
+    if not 1 <= cl.workers <= cl.max_workers <= 64:
+        raise ConfigError("cluster.workers/max_workers: need 1 <= workers <= max_workers <= 64")
+    port(cl.redis_port, "cluster.redis_port")
+    port(cl.worker_sip_port, "cluster.worker_sip_port")
+    if cl.redis_url and not cl.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("cluster.redis_url: a redis:// URL")
+    if not 0 <= cl.cpu_threshold <= 100 or not 1 <= cl.scale_up_load <= 100:
+        raise ConfigError("cluster.cpu_threshold (0-100) / cluster.scale_up_load (1-100): out of range")
+    for i, addr in enumerate(cl.lb_sources):
+        _check_ip(addr, f"cluster.lb_sources[{i}]")
+    if cl.alarm_url and not cl.alarm_url.startswith(("http://", "https://")):
+        raise ConfigError("cluster.alarm_url: an http(s):// URL")
     for i, p in enumerate(c.projects):
         if p.notification_url and not p.notification_url.startswith(("http://", "https://")):
             raise ConfigError(f"projects[{i}].notification_url: must be an http(s):// URL")

@@ -19,6 +19,8 @@ def make_app(worker: Worker) -> web.Application:
             return web.json_response({"status": "starting"}, status=503)
         return web.json_response({
             "status": "ok" if worker.ua.accepting else "draining",
+            "worker": worker.name,
+            "calls_started": worker.ua.calls_started,
             "active_calls": len(worker.ua.calls),
             "rtp_ports_in_use": worker.ua.ports.in_use,
             "registrations": {r.trunk.name: r.state for r in worker.registrations},
@@ -26,6 +28,10 @@ def make_app(worker: Worker) -> web.Application:
                             "lateness": worker.clock.lateness_percentiles()},
         })
 
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=worker.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     worker.api.routes(app)
     return app

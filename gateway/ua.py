@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from . import log
@@ -68,7 +69,11 @@ class UserAgent:
         self.media_host = config.sip.public_host or config.sip.host
         self.trusted_sources: dict[str, TrunkConfig] = {}  # registrar addresses (REGISTER client)
         self.find_did: Callable[[str], DidConfig | None] = config.did  # the worker adds the projects' numbers
-        self.listener: Callable[[Call, str, dict[str, object]], None] | None = None  # webhooks
+        self.listener: Callable[[Call, str, dict[str, object]], None] | None = None  # webhooks, metrics, registry
+        self.calls_started = 0  # calls admitted since start (the supervisor's call rate)
+        self.refused: Counter[str] = Counter()  # INVITEs refused at admission, by reason (metrics)
+        self.overloaded: Callable[[], bool] = lambda: False  # the worker's CPU check
+        self.lb_sources = set(config.cluster.lb_sources)  # a balancer in front: its X-Gateway-Source is trusted
 
     def on_call_event(self, call: Call, state: str, data: dict[str, object]) -> None:
         if self.listener is not None:
@@ -253,22 +258,28 @@ class UserAgent:
         self.respond(txn, r)
 
     # -- admission of new calls
+    def peer(self, request: Request, source: Target) -> str:
+        """The caller's address: the packet's source, or what the balancer in front says it was."""
+        forwarded = request.headers.get("x-gateway-source") if source.host in self.lb_sources else None
+        return forwarded.strip() if forwarded else source.host
+
     def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int]:
         """The trunk a call comes from, or (None, status): 401 (challenge sent) or 403."""
+        host = self.peer(request, source)
         try:
-            addr = ipaddress.ip_address(source.host)
+            addr = ipaddress.ip_address(host)
         except ValueError:
             return None, 403
         for trunk in self.config.trunks:
             if any(addr in net for net in trunk.networks()):
                 return trunk, 0
-        if source.host in self.trusted_sources:
-            return self.trusted_sources[source.host], 0
+        if host in self.trusted_sources:
+            return self.trusted_sources[host], 0
         users = {t.username: t for t in self.config.trunks if t.username}
         if not users:
             return None, 403
-        failures = [t for t in self._auth_failures.get(source.host, []) if t > time.time() - AUTH_FAILURE_WINDOW]
-        self._auth_failures[source.host] = failures
+        failures = [t for t in self._auth_failures.get(host, []) if t > time.time() - AUTH_FAILURE_WINDOW]
+        self._auth_failures[host] = failures
         if len(failures) >= AUTH_FAILURE_LIMIT:
             return None, 403
         authorization = request.headers.get("authorization")
@@ -286,10 +297,14 @@ class UserAgent:
         self.respond(txn, r)
 
     def _on_invite(self, request: Request, txn: ServerInviteTransaction, source: Target) -> None:
-        fields = {"source": f"{source.host}:{source.port}", "transport": source.transport, "call_id": request.call_id}
-        if not self.accepting or len(self.calls) >= self.config.sip.max_calls:
+        fields = {"source": f"{self.peer(request, source)}:{source.port}", "transport": source.transport,
+                  "call_id": request.call_id}
+        busy = "draining" if not self.accepting else "at_capacity" if len(self.calls) >= self.config.sip.max_calls \
+            else "cpu_overload" if self.overloaded() else ""
+        if busy:
             self._reject(request, txn, 503, "Service Unavailable", Retry_After="5")
-            log.event(logger, "call.refused", logging.WARNING, reason="at_capacity" if self.accepting else "draining", **fields)
+            self.refused[busy] += 1
+            log.event(logger, "call.refused", logging.WARNING, reason=busy, **fields)
             return
         trunk, status = self._trunk_for(request, source)
         if trunk is None:
@@ -303,6 +318,7 @@ class UserAgent:
                           logging.WARNING if failed else logging.INFO, **fields)
             else:
                 self._reject(request, txn, 403, "Forbidden")
+                self.refused["source_not_allowed"] += 1
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
             return
         ruri = request.ruri
@@ -316,6 +332,7 @@ class UserAgent:
             did = self.find_did(number)
         if did is None or did.route not in self.apps:
             self._reject(request, txn, 404, "Not Found")
+            self.refused["unknown_did"] += 1
             log.event(logger, "call.refused", logging.INFO, reason="unknown_did", did=number, **fields)
             return
         se = request.headers.get("session-expires")
@@ -332,6 +349,7 @@ class UserAgent:
         call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller,
                     route=did.route)
         self.calls[call.voice_id] = call
+        self.calls_started += 1
         call.pending_key = id(txn)
         self.pending[id(txn)] = call
         self.cdr.open_call(call.voice_id, "inbound", **{"from": caller, "to": did.number, "did": did.number,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
+import time
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -14,14 +18,17 @@ from .api import VoiceApi
 from .apps.echo import echo
 from .apps.ivr import IvrServices, make_api_route, make_dial_in
 from .bridge import EmbeddedRoomConnector
+from .call import Call
 from .cdr import CdrStore
 from .config import Config, DidConfig
 from .guard import AttemptLimiter
 from .http import make_app
 from .media.clock import MediaClock
+from .metrics import Metrics
 from .projects import ProjectStore
 from .prompts import PromptError, PromptLibrary, prompt_sets
 from .registration import Registration
+from .registry import CallRegistry, LocalRegistry, RedisRegistry
 from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
 from .roomservice.server import restrict_ice, service_secrets
 from .ua import App, UserAgent
@@ -58,8 +65,21 @@ class Worker:
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
-        self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier)
-        self.ua.listener = self.api.on_call_event
+        http = config.http
+        self.api_url = f"http://{http.host}:{http.port}"
+        self.registry: CallRegistry = (
+            RedisRegistry(config.cluster.redis_url, name, self.api_url, f"{config.sip.host}:{config.sip.port}")
+            if config.cluster.redis_url else LocalRegistry(name))
+        self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
+        self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
+        self._cpu_percent = 0.0
+        self._workers_alive = 1
+        self.metrics = Metrics(self.ua, self.notifier, lambda: self._workers_alive, lambda: self._cpu_percent)
+        self.ua.listener = self._on_call_event
+        threshold = config.cluster.cpu_threshold
+        self.ua.overloaded = lambda: threshold > 0 and self._cpu_percent > threshold
+        self.draining = False
+        self._tasks: list[asyncio.Task[None]] = []
         self._prerender: asyncio.Task[None] | None = None
         self.registrations = [Registration(self.ua, t) for t in config.trunks if t.register is not None]
         self.ready = False
@@ -74,6 +94,39 @@ class Worker:
         project = self.projects.by_number(number)
         return None if project is None else DidConfig(number=number, route="api", project=project.name)
 
+    def _on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
+        """Every recorded call event: webhooks, metrics, the shared registry."""
+        self.api.on_call_event(call, state, data)
+        self.metrics.on_call_event(call, state, data)
+        if state == "disconnected":
+            self.registry.ended(call.voice_id)
+        else:
+            room = data.get("room_id") or (call.control.room_id if call.control is not None else "") or ""
+            self.registry.update(call.voice_id, state=state, room_id=str(room), project=str(call.info.get("project", "")))
+
+    async def _housekeeping(self) -> None:
+        """Once a second: this process's CPU use (admission), the registry's view of the cluster (metrics)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now, cpu = time.monotonic(), time.process_time()
+            then, cpu_then = self._cpu
+            if now - then >= 2.0:
+                self._cpu_percent = 100.0 * (cpu - cpu_then) / (now - then)
+                self._cpu = (now, cpu)
+            self.registry.set_state("draining" if self.draining else "up", len(self.ua.calls))
+            if isinstance(self.registry, RedisRegistry):
+                try:
+                    self._workers_alive = len(await self.registry.workers())
+                except Exception:  # noqa: BLE001 - a metrics refresh must never end the loop
+                    pass
+
+    def _write_pidfile(self) -> None:
+        folder = self.config.data_dir / "workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        info = {"name": self.name, "pid": os.getpid(), "sip": f"{self.config.sip.host}:{self.config.sip.port}",
+                "http": self.api_url}
+        (folder / f"{self.name}.json").write_text(json.dumps(info))
+
     def _webhook_key(self, project: str) -> str | None:
         found = self.projects.by_name(project)
         return found.app_key if found is not None else None
@@ -84,6 +137,9 @@ class Worker:
             log.event(logger, "cdr.closed_stale", logging.WARNING, count=len(stale))
         self.clock.start()
         self.notifier.start()
+        await self.registry.start()
+        self.metrics.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
         await self.ua.start()
         for registration in self.registrations:
             registration.start()
@@ -92,6 +148,7 @@ class Worker:
         site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
         await site.start()
         self.ready = True
+        self._write_pidfile()
         self._prerender = asyncio.get_running_loop().create_task(self._render_prompts())
         sip = self.config.sip
         log.event(logger, "worker.started", worker=self.name, sip=f"{sip.host}:{sip.port}", transports=sip.transports,
@@ -107,8 +164,30 @@ class Worker:
         except PromptError as exc:
             log.event(logger, "prompts.unavailable", logging.ERROR, error=str(exc))
 
+    async def drain(self, deadline_s: float) -> None:
+        """Stop taking calls (INVITE and OPTIONS answer 503, so the balancer moves on), let the calls in
+        progress finish for up to `deadline_s`, then stop (what is left is hung up, reason drain_deadline)."""
+        self.draining = True
+        self.ua.accepting = False
+        self.registry.set_state("draining", len(self.ua.calls))
+        log.event(logger, "worker.draining", logging.WARNING, worker=self.name, calls=len(self.ua.calls),
+                  deadline_s=deadline_s)
+        end = time.monotonic() + deadline_s
+        while self.ua.calls and time.monotonic() < end and not self._stop.is_set():
+            tasks = [c.task for c in self.ua.calls.values() if c.task is not None]
+            if not tasks:
+                await asyncio.sleep(0.2)
+                continue
+            await asyncio.wait(tasks, timeout=min(1.0, max(0.0, end - time.monotonic())))
+        for call in list(self.ua.calls.values()):
+            call.hangup("drain_deadline")
+        log.event(logger, "worker.drained", worker=self.name)
+
     async def stop(self) -> None:
         self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        self.metrics.stop()
         if self._prerender:
             self._prerender.cancel()
         for registration in self.registrations:
@@ -121,7 +200,10 @@ class Worker:
         if self._runner:
             await self._runner.cleanup()
         await self.notifier.close()
+        await self.api.close()
+        await self.registry.close()
         self.cdr.close()
+        (self.config.data_dir / "workers" / f"{self.name}.json").unlink(missing_ok=True)
         self.projects.close()
         self.prompts.close()
         self.rooms.close()
@@ -130,9 +212,22 @@ class Worker:
         log.event(logger, "worker.stopped", worker=self.name)
 
     async def run_forever(self) -> None:
+        """SIGTERM drains (calls finish, up to cluster.drain_timeout_s); SIGINT, or a second SIGTERM, stops now."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._stop.set)
+        draining = asyncio.Event()
+
+        def on_term() -> None:
+            if draining.is_set():
+                self._stop.set()
+            draining.set()
+
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, on_term)
         await self.start()
-        await self._stop.wait()
+        waits = [loop.create_task(self._stop.wait()), loop.create_task(draining.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if draining.is_set() and not self._stop.is_set():
+            await self.drain(self.config.cluster.drain_timeout_s)
+        for task in waits:
+            task.cancel()
         await self.stop()

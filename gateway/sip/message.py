@@ -660,10 +660,15 @@ REASONS = {
 
 
 def make_response(request: Request, status: int, reason: str = "", to_tag: str | None = None) -> Response:
-    """A response that copies Via, From, To (adding our tag), Call-ID and CSeq (RFC 3261 8.2.6.2)."""
+    """A response that copies Via, From, To (adding our tag), Call-ID and CSeq (RFC 3261 8.2.6.2), and the
+    Record-Route of a dialog-creating INVITE into its 1xx/2xx (RFC 3261 12.1.1), so the caller's in-dialog
+    requests take the proxies that asked to stay on the path."""
     h = Headers()
     for via in request.headers.get_all("via"):
         h.add("Via", via)
+    if request.method == "INVITE" and 100 < status < 300:
+        for route in request.headers.get_all("record-route"):
+            h.add("Record-Route", route)
     for name in ("from", "to", "call-id", "cseq"):
         value = request.headers.get(name)
         if value is not None:

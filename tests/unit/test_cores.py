@@ -123,6 +123,16 @@ def test_uas_dialog_builds_bye_via_route_set() -> None:
     assert Dialog.as_uac(invite, ok, "udp").remote_tag == "g1"
 
 
+def test_record_route_is_copied_into_dialog_creating_responses_only() -> None:
+    """RFC 3261 12.1.1: without it, a proxy in front (Kamailio) falls out of the dialog's path."""
+    invite = parse_message(INVITE)
+    assert isinstance(invite, Request)
+    for status, copied in ((100, False), (180, True), (200, True), (486, False)):
+        assert bool(make_response(invite, status, to_tag="g1").headers.get_all("record-route")) is copied, status
+    bye = parse_message(INVITE.replace(b"INVITE sip", b"BYE sip").replace(b"5 INVITE", b"6 BYE"))
+    assert isinstance(bye, Request) and make_response(bye, 200).headers.get_all("record-route") == []
+
+
 # ---------------------------------------------------------------- media
 
 

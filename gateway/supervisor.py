@@ -1,0 +1,414 @@
+"""`gateway run --workers N`: N worker processes behind Kamailio, sharing a call registry in Redis.
+
+The supervisor starts, in order: Redis (unless cluster.redis_url names one), the embedded room service,
+the workers (worker i: SIP on cluster.worker_sip_port + i, HTTP on http.port + i, its own
+slice of the RTP range), and Kamailio on sip.host:sip.port with the workers as its dispatcher set. Then,
+once a second, it reads every worker's /healthz and:
+
+- a worker that exits non-zero (crash, kill -9) is *lost*: its calls are closed in the CDR and dropped from
+  the registry with reason `worker_lost`, an alarm is posted, and it is started again;
+- a worker that exits 0 has drained (`gateway drain NAME`, or an idle extra the supervisor retired): it
+  leaves the dispatcher set and is not restarted;
+- when every worker holds cluster.scale_up_load % of sip.max_calls, or the new-call rate per worker passes
+  cluster.scale_up_rate, another worker is started (up to cluster.max_workers); an added worker idle for
+  cluster.scale_idle_s is drained. Each of these posts an alarm event to cluster.alarm_url.
+
+SIGTERM drains every worker (calls finish, up to cluster.drain_timeout_s) and then stops the rest;
+SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from . import log
+from .cdr import CdrStore
+from .config import Config
+from .registry import forget_worker
+
+logger = logging.getLogger("gateway.supervisor")
+TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "kamailio" / "kamailio.cfg.tmpl"
+MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+RESTART_DELAY_S = 1.0
+SCALE_COOLDOWN_S = 10.0
+
+
+@dataclass
+class Slot:
+    index: int
+    sip_port: int
+    http_port: int
+    rtp: tuple[int, int]
+    extra: bool = False  # started by the autoscaler
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "stopped"  # starting | up | draining | restarting (lost, coming back) | stopped
+    active: int = 0
+    started_calls: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return f"w{self.index + 1}"
+
+
+def kamailio_files(config: Config, slots: list[Slot], run_dir: Path) -> tuple[str, str]:
+    """(kamailio.cfg, dispatcher.list) for the workers in `slots`."""
+    sip = config.sip
+    listen = "\n".join(f"listen={t}:{sip.host}:{sip.port}" for t in sip.transports)
+    values = {"DEBUG": "1", "CHILDREN": "4", "LISTEN": listen, "HOST": sip.host, "PORT": str(sip.port),
+              "MODULES": MODULES, "CTL_SOCKET": str(run_dir / "kamailio.ctl"), "FR_TIMER_MS": "2000",
+              "DISPATCHER_LIST": str(run_dir / "dispatcher.list"), "PING_INTERVAL_S": "2"}
+    text = TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    dispatcher = "".join(f"1 sip:{sip.host}:{s.sip_port} 0 0\n" for s in slots)
+    return text, dispatcher or "\n"
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: Path | None, workers: int) -> None:
+        self.config = config
+        self.config_path = config_path
+        cl = config.cluster
+        self.base = workers
+        self.data = config.data_dir.resolve()
+        self.run_dir = self.data / "cluster"
+        lo, hi = config.rtp.port_min, config.rtp.port_max
+        width = (hi - lo + 1) // cl.max_workers // 2 * 2
+        if width < 20:
+            raise ValueError(f"rtp range {lo}-{hi} is too small for {cl.max_workers} workers")
+        self.slots = [Slot(i, cl.worker_sip_port + i, config.http.port + i, (lo + i * width, lo + (i + 1) * width - 2))
+                      for i in range(cl.max_workers)]
+        self.redis_url = cl.redis_url or f"redis://127.0.0.1:{cl.redis_port}/0"
+        self.helpers: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.cdr: CdrStore | None = None
+        self.redis: Any = None
+        self.http: aiohttp.ClientSession | None = None
+        self.last_scale = 0.0
+        self._listed: list[int] = []
+        self._dirty = False
+        self.last_max_alarm = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- helpers: redis-server, the room service, kamailio
+    def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None) -> subprocess.Popen[bytes]:
+        out = logfile.open("ab") if logfile else None
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.helpers[name] = proc
+        log.event(logger, "supervisor.helper_started", helper=name, pid=proc.pid, log=str(logfile or "-"))
+        return proc
+
+    async def _wait_for(self, what: str, check: Any, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await check():
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{what} did not come up within {timeout:.0f} s (see {self.run_dir})")
+
+    async def _start_redis(self) -> None:
+        if not self.config.cluster.redis_url:
+            if shutil.which("redis-server") is None:
+                raise RuntimeError("redis-server not found: install the Debian package redis-server, or set cluster.redis_url")
+            port = str(self.config.cluster.redis_port)
+            self._spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly",
+                                  "no", "--daemonize", "no", "--dir", str(self.run_dir)], self.run_dir / "redis.log")
+        self.redis = aioredis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
+
+        async def pong() -> bool:
+            try:
+                return bool(await self.redis.ping())
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        await self._wait_for("redis", pong)
+
+    def _start_rooms(self) -> None:
+        if not self.config.room_service.embedded:
+            return
+        http = self.config.http
+        cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(self.data),
+               "--port", str(self.config.room_service.port),
+               "--voice-api-url", self.config.room_service.voice_api_url or f"http://{http.host}:{self.slots[0].http_port}"]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        self._spawn("rooms", cmd)
+
+    async def _start_kamailio(self) -> None:
+        if not self.config.cluster.kamailio:
+            return
+        if shutil.which("kamailio") is None:
+            raise RuntimeError("kamailio not found: install the Debian package kamailio, or set cluster.kamailio = false")
+        self._write_kamailio()
+        cmd = ["kamailio", "-DD", "-E", "-f", str(self.run_dir / "kamailio.cfg"), "-Y", str(self.run_dir),
+               "-P", str(self.run_dir / "kamailio.pid"), "-w", str(self.run_dir), "-m", "64", "-M", "8"]
+        self._spawn("kamailio", cmd, self.run_dir / "kamailio.log")
+
+        async def answers() -> bool:
+            return self._kamcmd("core.version") is not None
+
+        await self._wait_for("kamailio", answers)
+
+    def _members(self) -> list[Slot]:
+        """The dispatcher set: workers that answered /healthz, and lost ones being restarted (Kamailio's OPTIONS
+        probing marks them inactive until they answer again); a drained or retired one leaves."""
+        return [s for s in self.slots if s.state in ("up", "draining", "restarting")]
+
+    def _write_kamailio(self) -> None:
+        cfg, dispatcher = kamailio_files(self.config, self._members(), self.run_dir)
+        (self.run_dir / "kamailio.cfg").write_text(cfg)
+        (self.run_dir / "dispatcher.list").write_text(dispatcher)
+        self._listed = [s.sip_port for s in self._members()]
+
+    def _kamcmd(self, *args: str) -> str | None:
+        sock = self.run_dir / "kamailio.ctl"
+        if not sock.exists():
+            return None
+        try:
+            out = subprocess.run(["kamcmd", "-s", f"unix:{sock}", *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    def _reload_dispatcher(self) -> None:
+        """Tell Kamailio about a changed worker set; retried on the next poll if it refuses (reload_delta)."""
+        if "kamailio" not in self.helpers or [s.sip_port for s in self._members()] == self._listed and not self._dirty:
+            return
+        self._write_kamailio()
+        self._dirty = self._kamcmd("dispatcher.reload") is None
+        if self._dirty:
+            log.event(logger, "supervisor.dispatcher_reload_deferred", logging.INFO)
+        else:
+            log.event(logger, "supervisor.dispatcher_reloaded", workers=[s.name for s in self._members()])
+
+    # -- workers
+    def _worker_cmd(self, slot: Slot) -> list[str]:
+        cmd = [sys.executable, "-m", "gateway", "run", "--cluster-child", "--no-rooms", "--name", slot.name,
+               "--sip-host", self.config.sip.host, "--sip-port", str(slot.sip_port), "--http-port", str(slot.http_port),
+               "--rtp-ports", f"{slot.rtp[0]}-{slot.rtp[1]}", "--data-dir", str(self.data)]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        return cmd
+
+    async def _start_worker(self, slot: Slot) -> None:
+        sources = json.dumps(sorted(set(self.config.cluster.lb_sources) | {self.config.sip.host}))
+        env = {**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url, "GATEWAY_CLUSTER_LB_SOURCES": sources}
+        slot.proc = await asyncio.create_subprocess_exec(*self._worker_cmd(slot), env=env)
+        slot.state, slot.active, slot.started_calls, slot.idle_since = "starting", 0, 0, time.monotonic()
+        log.event(logger, "supervisor.worker_started", worker=slot.name, pid=slot.proc.pid, sip_port=slot.sip_port,
+                  http_port=slot.http_port, extra=slot.extra)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(slot, slot.proc)))
+
+    async def _health(self, slot: Slot) -> dict[str, Any] | None:
+        assert self.http is not None
+        try:
+            async with self.http.get(f"http://{self.config.http.host}:{slot.http_port}/healthz") as r:
+                return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def _watch(self, slot: Slot, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if slot.proc is not proc:
+            return
+        was = slot.state
+        slot.proc = None
+        if code == 0 or self.stopping:
+            slot.state = "stopped"
+            self._reload_dispatcher()
+            log.event(logger, "supervisor.worker_stopped", worker=slot.name, code=code, was=was)
+            if not self.stopping:
+                await self.alarm("worker_retired", slot.name, reason="drained")
+            return
+        slot.state = "restarting"
+        await self._worker_lost(slot, code)
+        await asyncio.sleep(RESTART_DELAY_S)
+        if not self.stopping and slot.state == "restarting":
+            await self._start_worker(slot)
+
+    async def _worker_lost(self, slot: Slot, code: int) -> None:
+        """Close what the dead worker held: the registry first (the API stops routing to it), then the CDR."""
+        calls: list[str] = []
+        try:
+            calls = await forget_worker(self.redis, slot.name)
+        except Exception as exc:  # noqa: BLE001 - the CDR must still be closed
+            log.event(logger, "supervisor.registry_error", logging.ERROR, error=str(exc))
+        assert self.cdr is not None
+        closed = await asyncio.to_thread(self.cdr.close_stale, "worker_lost", slot.name)
+        log.event(logger, "supervisor.worker_lost", logging.ERROR, worker=slot.name, code=code,
+                  registry_calls=len(calls), cdr_calls=len(closed))
+        await self.alarm("worker_lost", slot.name, reason=f"exit code {code}", calls=len(closed))
+
+    async def alarm(self, event: str, worker: str, **data: Any) -> None:
+        url = self.config.cluster.alarm_url
+        body = {"event": event, "worker": worker, "timestamp": time.time(),
+                "workers": sum(1 for s in self.slots if s.state in ("starting", "up")), **data}
+        log.event(logger, f"alarm.{event}", logging.WARNING, worker=worker, **data)
+        if not url or self.http is None:
+            return
+        try:
+            async with self.http.post(url, json=body) as r:
+                await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.event(logger, "alarm.undelivered", logging.WARNING, event=event, error=str(exc)[:200])
+
+    # -- once a second: health, dispatcher set, autoscaling
+    async def _poll(self) -> None:
+        last = time.monotonic()
+        while not self.stopping:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            new_calls = 0
+            changed = False
+            for slot in self.slots:
+                if slot.state not in ("starting", "up", "draining"):
+                    continue
+                health = await self._health(slot)
+                if health is None:
+                    continue
+                if slot.state == "starting":
+                    slot.state, changed = "up", True
+                if health.get("status") == "draining" and slot.state != "draining":
+                    slot.state, changed = "draining", True
+                started = int(health.get("calls_started", 0))
+                new_calls += max(0, started - slot.started_calls)
+                slot.started_calls, slot.active = started, int(health.get("active_calls", 0))
+                if slot.active:
+                    slot.idle_since = now
+            if changed or self._dirty:
+                self._reload_dispatcher()
+            await self._autoscale(new_calls / elapsed if elapsed > 0 else 0.0, now)
+
+    async def _autoscale(self, rate: float, now: float) -> None:
+        cl = self.config.cluster
+        up = [s for s in self.slots if s.state == "up"]
+        if not up or now - self.last_scale < SCALE_COOLDOWN_S:
+            return
+        load_limit = self.config.sip.max_calls * cl.scale_up_load / 100
+        busy = all(s.active >= load_limit for s in up)
+        fast = rate / len(up) > cl.scale_up_rate
+        if busy or fast:
+            free = next((s for s in self.slots if s.state == "stopped"), None)
+            if free is None:
+                if now - self.last_max_alarm > 60:
+                    self.last_max_alarm = now
+                    await self.alarm("at_max_workers", "", reason="load" if busy else "call_rate", rate=round(rate, 1))
+                return
+            self.last_scale = now
+            free.extra = True
+            await self._start_worker(free)
+            await self.alarm("worker_started", free.name, reason="load" if busy else "call_rate", rate=round(rate, 1))
+            return
+        for slot in up:
+            if slot.extra and slot.active == 0 and now - slot.idle_since > cl.scale_idle_s and slot.proc is not None:
+                self.last_scale = now
+                slot.state = "draining"
+                self._reload_dispatcher()
+                slot.proc.send_signal(signal.SIGTERM)
+                log.event(logger, "supervisor.worker_retiring", worker=slot.name, idle_s=round(now - slot.idle_since))
+                return
+
+    # -- life
+    async def run(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        stop, drain = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, lambda: stop.set() if drain.is_set() else drain.set())
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self.cdr = CdrStore(self.data, worker="supervisor")
+        try:
+            await self._start_redis()
+            for slot in self.slots[: self.base]:
+                await self._start_worker(slot)
+            self._start_rooms()
+            for slot in self.slots[: self.base]:
+                await self._wait_for(f"worker {slot.name}", lambda s=slot: self._health_ok(s), 60)
+                slot.state = "up"
+            await self._start_kamailio()
+            sip = self.config.sip
+            log.event(logger, "supervisor.started", sip=f"{sip.host}:{sip.port}", workers=self.base,
+                      max_workers=self.config.cluster.max_workers, redis=self.redis_url.split("@")[-1],
+                      kamailio=self.config.cluster.kamailio)
+            self._tasks.append(loop.create_task(self._poll()))
+            waits = [loop.create_task(stop.wait()), loop.create_task(drain.wait())]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            await self.shutdown(graceful=drain.is_set() and not stop.is_set(), stop=stop)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            self._stop_helpers()
+            if self.redis is not None:
+                await self.redis.aclose()
+            await self.http.close()
+            self.cdr.close()
+            log.event(logger, "supervisor.stopped")
+
+    async def _health_ok(self, slot: Slot) -> bool:
+        if slot.proc is None or slot.proc.returncode is not None:
+            raise RuntimeError(f"worker {slot.name} exited during start-up")
+        return await self._health(slot) is not None
+
+    async def shutdown(self, graceful: bool, stop: asyncio.Event) -> None:
+        """Graceful: every worker drains (SIGTERM); a SIGINT meanwhile stops them at once."""
+        self.stopping = True
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        log.event(logger, "supervisor.stopping", graceful=graceful, workers=len(procs))
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM if graceful else signal.SIGINT)
+        waiting: asyncio.Future[Any] = asyncio.gather(*(p.wait() for p in procs))
+        deadline = self.config.cluster.drain_timeout_s + 15 if graceful else 15
+        interrupted: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiting, interrupted}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if not waiting.done():
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(waiting, 15)
+            except TimeoutError:
+                for proc in procs:
+                    if proc.returncode is None:
+                        proc.kill()
+
+    def _stop_helpers(self) -> None:
+        for name in ("kamailio", "rooms", "redis"):
+            proc = self.helpers.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            log.event(logger, "supervisor.helper_stopped", helper=name)
+
+
+def drain(config: Config, worker: str) -> dict[str, Any]:
+    """`gateway drain NAME`: SIGTERM to that worker of this host (its pid file in DATA_DIR/workers)."""
+    path = config.data_dir / "workers" / f"{worker}.json"
+    if not path.exists():
+        raise LookupError(f"no running worker named {worker!r} (no {path})")
+    info = json.loads(path.read_text())
+    os.kill(int(info["pid"]), signal.SIGTERM)
+    return {"worker": worker, "pid": info["pid"], "state": "draining", "deadline_s": config.cluster.drain_timeout_s}

@@ -1,0 +1,240 @@
+"""Scale-out with the real parts: `gateway run --workers 2` starts Redis, Kamailio and two workers; sipp
+calls through Kamailio. Spread, a worker killed with SIGKILL under load, the API of one worker acting on a
+call held by the other, drain, metrics, and the autoscaler with its alarms."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.media import g711
+from tests.conftest import ROOT, free_port, make_test_config, run_sipp, scenario, stop_process, wait_until
+from tests.integration.voice_tools import HookServer, VoiceClient, cli
+
+ECHO_DID = "15550100001"
+API_NUMBER = "15550107777"
+
+
+def free_run(count: int) -> int:
+    """The first of `count` consecutive ports free for UDP and TCP."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    with socket.socket(socket.AF_INET, typ) as s:
+                        s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port run")
+
+
+@dataclass
+class Cluster:
+    proc: subprocess.Popen[bytes]
+    sip_port: int  # Kamailio
+    http_base: int  # worker i: http_base + i
+    data: Path
+    log_path: Path
+    tmp: Path
+
+    @property
+    def sip(self) -> str:
+        return f"127.0.0.1:{self.sip_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def health(self, worker: int) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_base + worker - 1}/healthz", timeout=2) as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+        except OSError:
+            return None
+
+    def metrics(self, worker: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_base + worker - 1}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def pid(self, worker: int) -> int:
+        return int(json.loads((self.data / "workers" / f"w{worker}.json").read_text())["pid"])
+
+    def calls(self) -> list[dict[str, Any]]:
+        return cli(self.data, "calls", "--limit", "2000")  # type: ignore[no-any-return]
+
+    def by_worker(self, since: float = 0.0) -> collections.Counter[str]:
+        return collections.Counter(r["worker"] for r in self.calls() if r["started_at"] >= since)
+
+    def sipp_routes(self, count: int, rate: float, hold_ms: int, did: str = ECHO_DID, timeout: int = 90,
+                    tag: str = "") -> subprocess.CompletedProcess[str]:
+        sf = scenario(self.tmp / f"routes{tag}", "uac_routes.xml", audio=str(tone(self.tmp)), hold=str(hold_ms))
+        return run_sipp(self.sip, "-sf", str(sf), "-s", did, "-m", str(count), "-r", str(rate), timeout=timeout)
+
+
+def tone(tmp: Path) -> Path:
+    path = tmp / "tone.ul"
+    if not path.exists():
+        t = np.arange(8000 * 4) / 8000
+        path.write_bytes(g711.encode("PCMU", (6000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)))
+    return path
+
+
+def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None) -> Cluster:
+    data = tmp / "data"
+    sip, http, wsip = free_port(), free_run(4), free_run(4)
+    rtp_low = random.randrange(30000, 56000, 2)
+    cfg = tmp / "gateway.toml"
+    cfg.write_text(make_test_config())
+    log_path = tmp / "cluster.log"
+    args = [sys.executable, "-m", "gateway", "run", "--workers", str(workers), "--config", str(cfg), "--sip-port", str(sip),
+            "--http-port", str(http), "--rtp-ports", f"{rtp_low}-{rtp_low + 1999}", "--data-dir", str(data)]
+    environ = {**os.environ, "GATEWAY_CLUSTER_WORKER_SIP_PORT": str(wsip), "GATEWAY_CLUSTER_REDIS_PORT": str(free_port()),
+               "GATEWAY_ROOM_SERVICE_PORT": str(free_port()), "GATEWAY_CLUSTER_MAX_WORKERS": str(workers),
+               "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "30", **(env or {})}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=environ)
+    cluster = Cluster(proc, sip, http, data, log_path, tmp)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"cluster exited: {cluster.log()[-3000:]}")
+        return '"supervisor.started"' in cluster.log()
+
+    wait_until(up, 90, "the supervisor to start Redis, the workers and Kamailio")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    cli(tmp / "data", "projects", "create", "--name", "acme", "--number", API_NUMBER)
+    c = start_cluster(tmp)
+    try:
+        yield c
+    finally:
+        stop_process(c.proc, signal.SIGINT, grace=30)
+        assert c.proc.returncode == 0, c.log()[-3000:]
+        leftovers = subprocess.run(["pgrep", "-f", str(c.data)], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], "the supervisor left processes behind"
+
+
+def test_calls_spread_across_two_workers_and_all_complete(cluster: Cluster) -> None:
+    since = time.time()
+    result = cluster.sipp_routes(40, 10, 2000)
+    assert result.returncode == 0, result.stdout[-3000:]
+    spread = cluster.by_worker(since)
+    assert spread["w1"] >= 8 and spread["w2"] >= 8 and sum(spread.values()) == 40, spread
+    ended = [r for r in cluster.calls() if r["started_at"] >= since]
+    assert all(r["state"] == "disconnected" and r["reason"] == "remote_bye" for r in ended)
+    text = cluster.metrics(2)
+    assert "gateway_workers 2.0" in text and 'gateway_calls_started_total{direction="inbound"}' in text
+    assert "gateway_event_loop_lag_seconds_count" in text and "gateway_rtp_packets_received_total" in text
+
+
+def test_api_of_one_worker_acts_on_a_call_held_by_the_other(cluster: Cluster) -> None:
+    acme = next(p for p in cli(cluster.data, "projects", "list", "--keys") if p["name"] == "acme")
+    sf = scenario(cluster.tmp, "caller_waits.xml", audio=str(tone(cluster.tmp)))
+    result: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: result.update(r=run_sipp(cluster.sip, "-sf", str(sf), "-s", API_NUMBER,
+                                                                      "-m", "1", timeout=90)), daemon=True)
+    caller.start()
+    row = wait_until(lambda: next((r for r in cluster.calls() if r["to_number"] == API_NUMBER and r["state"] == "answered"),
+                                  None), 20, "the API number's call to be answered")
+    holder = int(row["worker"][1:])
+    other = 2 if holder == 1 else 1
+    gw_other = type("Gw", (), {"http_port": cluster.http_base + other - 1})()
+    client = VoiceClient(gw_other, acme["app_id"], acme["app_key"])  # type: ignore[arg-type]
+    status, body, _ = client("PUT", f"/voice/v1/room/new/call/{row['voice_id']}/join")
+    assert status == 200 and body["state"] == "joined", body
+    status, body, _ = client("DELETE", f"/voice/v1/room/{body['room_id']}/call/{row['voice_id']}")
+    assert status == 200 and body["state"] == "removed", body
+    caller.join(60)
+    assert result["r"].returncode == 0, result["r"].stdout[-2000:]
+    assert f'"api.forwarded", "voice_id": "{row["voice_id"]}"' in cluster.log()
+    cdr = cli(cluster.data, "cdr", row["voice_id"])
+    assert cdr["worker"] == f"w{holder}" and cdr["reason"] == "removed_by_api"
+
+
+def test_worker_killed_under_load(cluster: Cluster) -> None:
+    load: dict[str, Any] = {}
+    background = threading.Thread(target=lambda: load.update(r=cluster.sipp_routes(30, 5, 4000, tag="load")), daemon=True)
+    background.start()
+    wait_until(lambda: (cluster.health(2) or {}).get("active_calls", 0) >= 2, 20, "calls in progress on w2")
+    os.kill(cluster.pid(2), signal.SIGKILL)
+    killed = time.monotonic()
+    after = run_sipp(cluster.sip, "-sn", "uac", "-s", ECHO_DID, "-m", "1", "-d", "100", timeout=30)
+    elapsed = time.monotonic() - killed
+    assert after.returncode == 0 and elapsed < 3.0, (elapsed, after.stdout[-2000:])
+
+    def lost() -> list[dict[str, Any]] | None:
+        rows = [r for r in cluster.calls() if r["reason"] == "worker_lost"]
+        return rows or None
+
+    rows = wait_until(lost, 5, "the lost worker's calls closed in the CDR")
+    assert all(r["worker"] == "w2" and r["state"] == "disconnected" for r in rows)
+    assert '"alarm.worker_lost"' in cluster.log()
+    background.join(120)
+    # the supervisor starts it again; the balancer takes it back once it answers OPTIONS
+    wait_until(lambda: cluster.health(2) is not None, 30, "w2 restarted")
+
+
+def test_drain_lets_calls_finish_and_sends_new_ones_elsewhere(cluster: Cluster) -> None:
+    wait_until(lambda: cluster.health(2) is not None and cluster.health(1) is not None, 30, "both workers")
+    long_calls: dict[str, Any] = {}
+    since = time.time()
+    thread = threading.Thread(target=lambda: long_calls.update(r=cluster.sipp_routes(6, 10, 8000, tag="long")), daemon=True)
+    thread.start()
+    wait_until(lambda: (cluster.health(1) or {}).get("active_calls", 0) >= 1, 20, "a call in progress on w1")
+    drained = cli(cluster.data, "drain", "w1")
+    assert drained["worker"] == "w1" and drained["state"] == "draining"
+    wait_until(lambda: (cluster.health(1) or {}).get("status") == "draining", 10, "w1 draining")
+    after = time.time()
+    short = cluster.sipp_routes(6, 6, 500, tag="short")
+    assert short.returncode == 0, short.stdout[-2000:]
+    assert cluster.by_worker(after) == {"w2": 6}
+    thread.join(90)
+    assert long_calls["r"].returncode == 0, long_calls["r"].stdout[-2000:]
+    rows = [r for r in cluster.calls() if since <= r["started_at"] < after]
+    assert any(r["worker"] == "w1" for r in rows) and all(r["reason"] == "remote_bye" for r in rows)
+    wait_until(lambda: '"supervisor.worker_stopped", "worker": "w1"' in cluster.log(), 20, "w1 to exit after its calls")
+    assert '"alarm.worker_retired", "worker": "w1"' in cluster.log()
+
+
+def test_autoscaler_adds_a_worker_under_load_and_retires_it_when_idle(tmp_path: Path) -> None:
+    alarms = HookServer(free_port())
+    alarms.start()
+    c = start_cluster(tmp_path, workers=1, env={"GATEWAY_CLUSTER_MAX_WORKERS": "2", "GATEWAY_CLUSTER_SCALE_UP_RATE": "3",
+                                                "GATEWAY_CLUSTER_SCALE_IDLE_S": "3", "GATEWAY_CLUSTER_ALARM_URL": alarms.url})
+    try:
+        result = c.sipp_routes(60, 8, 1000)
+        assert result.returncode == 0, result.stdout[-2000:]
+
+        def events() -> list[str]:
+            with alarms.lock:
+                return [json.loads(body)["event"] for _, body in alarms.received]
+
+        wait_until(lambda: "worker_started" in events(), 10, "an alarm: worker started")
+        assert c.health(2) is not None or "worker_retired" in events()
+        wait_until(lambda: "worker_retired" in events(), 30, "the idle extra worker retired")
+        started = next(json.loads(b) for _, b in alarms.received if json.loads(b)["event"] == "worker_started")
+        assert started["worker"] == "w2" and started["reason"] == "call_rate"
+        assert c.by_worker()["w2"] > 0  # the added worker took calls
+    finally:
+        stop_process(c.proc, signal.SIGINT, grace=30)
+        alarms.stop()
