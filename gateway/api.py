@@ -33,8 +33,8 @@ from .control import BRIDGEABLE, Order, Steering
 from .openapi import OPENAPI
 from .outbound import DialError, OutboundCall
 from .projects import Project, ProjectStore, normalize_number
-from .registry import CallRegistry
-from .rooms import RoomStore
+from .registry import CallRegistry, RedisRegistry
+from .rooms import RoomStore, publish_room
 from .webhooks import Notifier
 
 if TYPE_CHECKING:
@@ -256,6 +256,8 @@ class VoiceApi:
             room = await asyncio.to_thread(self.rooms.create, f"Call {voice_id[:8]}", True, rooms.meeting_id_digits,
                                            rooms.pin_digits, {}, None, project.name)
             room_id = room["room_id"]
+            if isinstance(self.registry, RedisRegistry):
+                await publish_room(self.registry.redis, room)
             log.event(logger, "room.created", room_id=room_id, project=project.name, voice_id=voice_id)
         else:
             self._room(room_id, project)

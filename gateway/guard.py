@@ -1,8 +1,27 @@
-"""Limits on PIN guessing: failed attempts counted per caller number and per meeting over a window."""
+"""Limits on PIN guessing: failed attempts counted per caller number and per meeting over a window.
+
+`AttemptLimiter` counts in this process (one worker); `RedisLimiter` counts in Redis, so a caller cannot
+get more tries by landing on another worker. Both are used through the async `Limiter` interface.
+"""
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections import defaultdict, deque
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from .rooms import DirectoryUnavailable
+
+
+class Limiter(Protocol):
+    async def check(self, caller: str, meeting_id: str) -> str | None:
+        """Which limit is reached ("caller" or "meeting"), or None while attempts are allowed."""
+        ...
+
+    async def failure(self, caller: str, meeting_id: str) -> None: ...
 
 
 class AttemptLimiter:
@@ -32,3 +51,43 @@ class AttemptLimiter:
     def failed(self, caller: str, meeting_id: str, now: float) -> None:
         self._failures[f"c:{caller}"].append(now)
         self._failures[f"m:{meeting_id}"].append(now)
+
+    async def check(self, caller: str, meeting_id: str) -> str | None:
+        return self.blocked(caller, meeting_id, time.monotonic())
+
+    async def failure(self, caller: str, meeting_id: str) -> None:
+        self.failed(caller, meeting_id, time.monotonic())
+
+
+class RedisLimiter:
+    """The same limits over a sliding window kept in Redis sorted sets (gw:pinfail:c:CALLER, gw:pinfail:m:ID)."""
+
+    def __init__(self, redis: Any, per_caller: int, per_meeting: int, window: float) -> None:
+        self.redis = redis
+        self.limits = {"c": per_caller, "m": per_meeting}
+        self.window = window
+
+    async def check(self, caller: str, meeting_id: str) -> str | None:
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                for kind, key in (("c", caller), ("m", meeting_id)):
+                    p.zremrangebyscore(f"gw:pinfail:{kind}:{key}", "-inf", now - self.window)
+                    p.zcard(f"gw:pinfail:{kind}:{key}")
+                _, callers, _, meetings = await p.execute()
+        except (RedisError, OSError) as exc:  # no limit check, no PIN check: the caller hears "unavailable"
+            raise DirectoryUnavailable(f"shared PIN limiter unreachable: {exc}") from exc
+        if callers >= self.limits["c"]:
+            return "caller"
+        return "meeting" if meetings >= self.limits["m"] else None
+
+    async def failure(self, caller: str, meeting_id: str) -> None:
+        now = time.time()
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                for kind, key in (("c", caller), ("m", meeting_id)):
+                    p.zadd(f"gw:pinfail:{kind}:{key}", {uuid.uuid4().hex: now})
+                    p.expire(f"gw:pinfail:{kind}:{key}", int(self.window) + 1)
+                await p.execute()
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"shared PIN limiter unreachable: {exc}") from exc

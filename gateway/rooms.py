@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import secrets
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+from redis.exceptions import RedisError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rooms (
@@ -180,3 +182,60 @@ class HttpDirectory:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _pin_hash(room_id: str, pin: str) -> str:
+    return hashlib.sha256(f"{room_id}:{pin}".encode()).hexdigest()
+
+
+async def publish_room(redis: Any, room: dict[str, Any]) -> None:
+    """Put a dial-in room in the shared directory (PINs as salted hashes, never in clear)."""
+    sip = room["sip"]
+    if not sip.get("meeting_id"):
+        return
+    entry = {"room_id": room["room_id"], "project": room.get("project", ""),
+             "pin": _pin_hash(room["room_id"], sip["pin"]) if sip.get("pin") else "",
+             "mpin": _pin_hash(room["room_id"], sip["mpin"]) if sip.get("mpin") else ""}
+    await redis.hset(f"gw:meeting:{sip['meeting_id']}", mapping=entry)
+
+
+async def unpublish_room(redis: Any, room: dict[str, Any]) -> None:
+    if room["sip"].get("meeting_id"):
+        await redis.delete(f"gw:meeting:{room['sip']['meeting_id']}")
+
+
+class SharedDirectory:
+    """Several workers, maybe on several hosts: meeting IDs resolve through Redis, where the room service
+    publishes every dial-in room it creates. A room only the local store knows (made with the CLI) is
+    published on its first lookup."""
+
+    def __init__(self, redis: Any, store: RoomStore) -> None:
+        self.redis = redis
+        self.store = store
+
+    async def _entry(self, meeting_id: str) -> dict[str, str]:
+        key = f"gw:meeting:{meeting_id}"
+        try:
+            entry: dict[str, str] = await self.redis.hgetall(key)
+            if not entry:
+                room = await asyncio.to_thread(self.store.by_meeting, meeting_id)
+                if room is not None:
+                    await publish_room(self.redis, room)
+                    entry = await self.redis.hgetall(key)
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"shared directory unreachable: {exc}") from exc
+        return entry
+
+    async def exists(self, meeting_id: str) -> bool:
+        return bool(await self._entry(meeting_id))
+
+    async def resolve(self, meeting_id: str, pin: str) -> tuple[str, str] | None:
+        entry = await self._entry(meeting_id)
+        if not entry:
+            return None
+        given = _pin_hash(entry["room_id"], pin)
+        if entry.get("mpin") and hmac.compare_digest(entry["mpin"], given):
+            return entry["room_id"], "moderator"
+        if entry.get("pin") and hmac.compare_digest(entry["pin"], given):
+            return entry["room_id"], "participant"
+        return None

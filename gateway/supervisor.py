@@ -106,9 +106,10 @@ class Supervisor:
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- helpers: redis-server, the room service, kamailio
-    def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = logfile.open("ab") if logfile else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
         self.helpers[name] = proc
         log.event(logger, "supervisor.helper_started", helper=name, pid=proc.pid, log=str(logfile or "-"))
         return proc
@@ -147,7 +148,7 @@ class Supervisor:
                "--voice-api-url", self.config.room_service.voice_api_url or f"http://{http.host}:{self.slots[0].http_port}"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
-        self._spawn("rooms", cmd)
+        self._spawn("rooms", cmd, env={**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url})
 
     async def _start_kamailio(self) -> None:
         if not self.config.cluster.kamailio:

@@ -21,7 +21,7 @@ from .bridge import EmbeddedRoomConnector
 from .call import Call
 from .cdr import CdrStore
 from .config import Config, DidConfig
-from .guard import AttemptLimiter
+from .guard import AttemptLimiter, Limiter, RedisLimiter
 from .http import make_app
 from .media.clock import MediaClock
 from .metrics import Metrics
@@ -29,7 +29,7 @@ from .projects import ProjectStore
 from .prompts import PromptError, PromptLibrary, prompt_sets
 from .registration import Registration
 from .registry import CallRegistry, LocalRegistry, RedisRegistry
-from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore
+from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore, SharedDirectory
 from .roomservice.server import restrict_ice, service_secrets
 from .ua import App, UserAgent
 from .webhooks import Notifier
@@ -48,13 +48,21 @@ class Worker:
         for project in config.projects:
             self.projects.ensure(project)
         self.prompts = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
+        http = config.http
+        self.api_url = f"http://{http.host}:{http.port}"
+        self.registry: CallRegistry = (
+            RedisRegistry(config.cluster.redis_url, name, self.api_url, f"{config.sip.host}:{config.sip.port}")
+            if config.cluster.redis_url else LocalRegistry(name))
+        shared = self.registry.redis if isinstance(self.registry, RedisRegistry) else None
         d = config.directory
         self.directory: Directory = (
             HttpDirectory(d.url, d.username, d.password, d.timeout_ms / 1000) if d.kind == "http"
+            else SharedDirectory(shared, self.rooms) if shared is not None  # several workers: Redis holds it
             else EmbeddedDirectory(self.rooms)
         )
         ivr = config.ivr
-        limiter = AttemptLimiter(ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
+        limits = (ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
+        limiter: Limiter = RedisLimiter(shared, *limits) if shared is not None else AttemptLimiter(*limits)
         connector = None
         if config.room_service.embedded or config.room_service.url:
             restrict_ice(config.room_service.ice_addresses)
@@ -65,11 +73,6 @@ class Worker:
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
-        http = config.http
-        self.api_url = f"http://{http.host}:{http.port}"
-        self.registry: CallRegistry = (
-            RedisRegistry(config.cluster.redis_url, name, self.api_url, f"{config.sip.host}:{config.sip.port}")
-            if config.cluster.redis_url else LocalRegistry(name))
         self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
         self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0

@@ -27,7 +27,7 @@ from ..bridge import RoomConnector, RoomError, RoomLeg, masked_number
 from ..call import Call, CallEnded
 from ..config import Config, DidConfig, MenuConfig, ProjectConfig
 from ..control import Order, Steering
-from ..guard import AttemptLimiter
+from ..guard import Limiter
 from ..projects import ProjectStore
 from ..prompts import PromptError, PromptLibrary
 from ..rooms import Directory, DirectoryUnavailable, RoomStore
@@ -38,7 +38,7 @@ class IvrServices:
     config: Config
     prompts: PromptLibrary
     directory: Directory
-    limiter: AttemptLimiter
+    limiter: Limiter
     rooms: RoomStore | None = None
     connector: RoomConnector | None = None
     projects: ProjectStore | None = None
@@ -177,9 +177,8 @@ class DialIn:
         return None
 
     async def pin(self, meeting_id: str) -> tuple[str, str] | None:
-        loop = self.call.ua.now
         for attempt in range(1, self.cfg.attempts + 1):
-            blocked = self.s.limiter.blocked(self.caller, meeting_id, loop())
+            blocked = await self.s.limiter.check(self.caller, meeting_id)
             if blocked:
                 self.call.record("pin_blocked", logging.WARNING, limit=blocked, meeting_id=meeting_id)
                 await self.goodbye("attempts_blocked", "pin_attempts_blocked", limit=blocked)
@@ -188,7 +187,7 @@ class DialIn:
             result = await self.s.directory.resolve(meeting_id, digits) if digits else None
             if result is not None:
                 return result
-            self.s.limiter.failed(self.caller, meeting_id, loop())
+            await self.s.limiter.failure(self.caller, meeting_id)
             self.call.record("pin_invalid", logging.INFO, attempt=attempt, meeting_id=meeting_id)  # never the PIN
             if attempt < self.cfg.attempts:
                 await self.say("invalid_pin")

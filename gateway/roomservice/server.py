@@ -35,7 +35,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from .. import log
 from ..config import Config
 from ..projects import ProjectStore
-from ..rooms import RoomStore
+from ..rooms import RoomStore, publish_room, unpublish_room
 from .mixer import IdleVideo, Participant, Room, RoomClock
 
 logger = logging.getLogger("gateway.rooms")
@@ -100,6 +100,12 @@ class RoomService:
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self.rooms: dict[str, Room] = {}
+        # several workers: rooms go into the shared directory in Redis as they are made and deleted
+        self.redis: Any = None
+        if config.cluster.redis_url:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.from_url(config.cluster.redis_url, decode_responses=True, socket_timeout=2)
         self.voice_api_url = config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"
         self.clock = RoomClock(self.rooms)
         restrict_ice(config.room_service.ice_addresses)
@@ -161,8 +167,17 @@ class RoomService:
         rooms = self.config.rooms
         room = await asyncio.to_thread(self.store.create, name, bool(sip.get("enabled")), rooms.meeting_id_digits,
                                        rooms.pin_digits, {"wait_for_moderator": wait}, None, project)
+        await self._publish(publish_room, room)
         log.event(logger, "room.created", room_id=room["room_id"], sip=bool(sip.get("enabled")), project=project)
         return web.json_response(self.room_json(room), status=201)
+
+    async def _publish(self, action: Any, room: dict[str, Any]) -> None:
+        if self.redis is None:
+            return
+        try:
+            await action(self.redis, room)
+        except Exception as exc:  # noqa: BLE001 - the room exists; a worker publishes it on first lookup
+            log.event(logger, "room.publish_failed", logging.WARNING, room_id=room["room_id"], error=str(exc)[:200])
 
     async def _visible(self, request: web.Request) -> dict[str, Any] | None:
         """The room named in the path, if it exists and the credentials may see it."""
@@ -185,8 +200,10 @@ class RoomService:
 
     async def delete_room(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
-        if await self._visible(request) is None or not await asyncio.to_thread(self.store.delete, room_id):
+        room = await self._visible(request)
+        if room is None or not await asyncio.to_thread(self.store.delete, room_id):
             return error(404, "room_not_found", "no room with this room_id")
+        await self._publish(unpublish_room, room)
         live = self.rooms.pop(room_id, None)
         if live is not None:
             await live.broadcast({"type": "room_closed"})
@@ -393,6 +410,8 @@ def serve(config: Config) -> None:
         await runner.cleanup()
         service.store.close()
         service.projects.close()
+        if service.redis is not None:
+            await service.redis.aclose()
         log.event(logger, "rooms.stopped")
 
     asyncio.run(main())

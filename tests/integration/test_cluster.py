@@ -25,6 +25,7 @@ import pytest
 
 from gateway.media import g711
 from tests.conftest import ROOT, free_port, make_test_config, run_sipp, scenario, stop_process, wait_until
+from tests.integration.ivr_tools import ivr_scenario, rfc4733
 from tests.integration.voice_tools import HookServer, VoiceClient, cli
 
 ECHO_DID = "15550100001"
@@ -54,6 +55,7 @@ class Cluster:
     data: Path
     log_path: Path
     tmp: Path
+    rooms_port: int
 
     @property
     def sip(self) -> str:
@@ -103,13 +105,14 @@ def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None
     cfg = tmp / "gateway.toml"
     cfg.write_text(make_test_config())
     log_path = tmp / "cluster.log"
+    rooms_port = free_port()
     args = [sys.executable, "-m", "gateway", "run", "--workers", str(workers), "--config", str(cfg), "--sip-port", str(sip),
             "--http-port", str(http), "--rtp-ports", f"{rtp_low}-{rtp_low + 1999}", "--data-dir", str(data)]
     environ = {**os.environ, "GATEWAY_CLUSTER_WORKER_SIP_PORT": str(wsip), "GATEWAY_CLUSTER_REDIS_PORT": str(free_port()),
-               "GATEWAY_ROOM_SERVICE_PORT": str(free_port()), "GATEWAY_CLUSTER_MAX_WORKERS": str(workers),
+               "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port), "GATEWAY_CLUSTER_MAX_WORKERS": str(workers),
                "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "30", **(env or {})}
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=environ)
-    cluster = Cluster(proc, sip, http, data, log_path, tmp)
+    cluster = Cluster(proc, sip, http, data, log_path, tmp, rooms_port)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -171,6 +174,27 @@ def test_api_of_one_worker_acts_on_a_call_held_by_the_other(cluster: Cluster) ->
     assert cdr["worker"] == f"w{holder}" and cdr["reason"] == "removed_by_api"
 
 
+def test_ivr_caller_resolves_the_meeting_through_the_shared_directory(cluster: Cluster) -> None:
+    """The room service publishes the room into Redis; whichever worker takes the call resolves it there."""
+    import base64
+
+    key = json.loads((cluster.data / "room-service.json").read_text())["api_key"]
+    req = urllib.request.Request(f"http://127.0.0.1:{cluster.rooms_port}/video/v1/rooms", method="POST",
+                                 data=json.dumps({"name": "Shared", "settings": {"sip": {"enabled": True}}}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": "Basic " + base64.b64encode(f"demo:{key}".encode()).decode()})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        room = json.loads(r.read())
+    sip = room["sip"]
+    since = time.time()
+    sf = ivr_scenario(cluster.tmp / "ivr", [rfc4733(sip["meeting_id"] + "#"), rfc4733(sip["pin"] + "#")], tail=4000)
+    result = run_sipp(cluster.sip, "-sf", str(sf), "-s", "15550100000", "-m", "1", timeout=90)
+    assert result.returncode == 0, result.stdout[-2000:]
+    (row,) = [r for r in cluster.calls() if r["started_at"] >= since]
+    events = {e["state"]: e for e in cli(cluster.data, "cdr", row["voice_id"])["events"]}
+    assert events["validated"]["room_id"] == room["room_id"] and events["validated"]["role"] == "participant"
+
+
 def test_worker_killed_under_load(cluster: Cluster) -> None:
     load: dict[str, Any] = {}
     background = threading.Thread(target=lambda: load.update(r=cluster.sipp_routes(30, 5, 4000, tag="load")), daemon=True)
@@ -200,20 +224,23 @@ def test_drain_lets_calls_finish_and_sends_new_ones_elsewhere(cluster: Cluster) 
     since = time.time()
     thread = threading.Thread(target=lambda: long_calls.update(r=cluster.sipp_routes(6, 10, 8000, tag="long")), daemon=True)
     thread.start()
-    wait_until(lambda: (cluster.health(1) or {}).get("active_calls", 0) >= 1, 20, "a call in progress on w1")
-    drained = cli(cluster.data, "drain", "w1")
-    assert drained["worker"] == "w1" and drained["state"] == "draining"
-    wait_until(lambda: (cluster.health(1) or {}).get("status") == "draining", 10, "w1 draining")
+    wait_until(lambda: sum((cluster.health(i) or {}).get("active_calls", 0) for i in (1, 2)) == 6, 20,
+               "the six long calls in progress")
+    drain_no = 1 if (cluster.health(1) or {}).get("active_calls", 0) >= 1 else 2  # a worker with calls in progress
+    name, other = f"w{drain_no}", f"w{3 - drain_no}"
+    drained = cli(cluster.data, "drain", name)
+    assert drained["worker"] == name and drained["state"] == "draining"
+    wait_until(lambda: (cluster.health(drain_no) or {}).get("status") == "draining", 10, f"{name} draining")
     after = time.time()
     short = cluster.sipp_routes(6, 6, 500, tag="short")
     assert short.returncode == 0, short.stdout[-2000:]
-    assert cluster.by_worker(after) == {"w2": 6}
+    assert cluster.by_worker(after) == {other: 6}
     thread.join(90)
     assert long_calls["r"].returncode == 0, long_calls["r"].stdout[-2000:]
     rows = [r for r in cluster.calls() if since <= r["started_at"] < after]
-    assert any(r["worker"] == "w1" for r in rows) and all(r["reason"] == "remote_bye" for r in rows)
-    wait_until(lambda: '"supervisor.worker_stopped", "worker": "w1"' in cluster.log(), 20, "w1 to exit after its calls")
-    assert '"alarm.worker_retired", "worker": "w1"' in cluster.log()
+    assert any(r["worker"] == name for r in rows) and all(r["reason"] == "remote_bye" for r in rows)
+    wait_until(lambda: f'"supervisor.worker_stopped", "worker": "{name}"' in cluster.log(), 20, f"{name} to exit")
+    assert f'"alarm.worker_retired", "worker": "{name}"' in cluster.log()
 
 
 def test_autoscaler_adds_a_worker_under_load_and_retires_it_when_idle(tmp_path: Path) -> None:

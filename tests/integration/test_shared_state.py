@@ -1,0 +1,100 @@
+"""The state workers share through a real redis-server (started by this test on a free loopback port):
+the call registry, the room directory (PINs never in clear) and the PIN-guessing limits."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.guard import RedisLimiter
+from gateway.registry import RedisRegistry, forget_worker, workers
+from gateway.rooms import RoomStore, SharedDirectory, publish_room, unpublish_room
+from tests.conftest import free_port, stop_process, wait_until
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
+                             "no", "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                          text=True).stdout.strip() == "PONG", 10, "redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Any]:
+    client = aioredis.from_url(redis_url, decode_responses=True)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+async def test_registry_finds_the_worker_holding_a_call_and_forgets_a_lost_one(redis: Any, redis_url: str) -> None:
+    w1 = RedisRegistry(redis_url, "w1", "http://127.0.0.1:1", "127.0.0.1:5070")
+    w2 = RedisRegistry(redis_url, "w2", "http://127.0.0.1:2", "127.0.0.1:5071")
+    await w1.start()
+    await w2.start()
+    try:
+        w2.update("call-a", state="answered", room_id="", project="acme")
+        w2.update("call-b", state="joined", room_id="r1", project="acme")
+        await wait_for(lambda: redis.hget("gw:call:call-b", "room_id"), "r1")
+        assert await w1.owner("call-a") == "http://127.0.0.1:2"
+        assert await w2.owner("call-a") is None  # its own call: handled locally
+        assert set(await workers(redis)) == {"w1", "w2"}
+        w2.ended("call-a")
+        await wait_for(lambda: redis.exists("gw:call:call-a"), 0)
+        assert await forget_worker(redis, "w2") == ["call-b"]
+        assert await w1.owner("call-b") is None and set(await workers(redis)) == {"w1"}
+    finally:
+        await w1.close()
+        await w2.close()
+
+
+async def wait_for(read: Any, expected: Any, tries: int = 100) -> None:
+    import asyncio
+
+    for _ in range(tries):
+        if await read() == expected:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never saw {expected!r}")
+
+
+async def test_shared_directory_resolves_published_rooms_without_clear_pins(redis: Any, tmp_path: Path) -> None:
+    store = RoomStore(tmp_path)
+    room = store.create("Board", meeting_id_digits=9, pin_digits=6)
+    other_host = SharedDirectory(redis, RoomStore(tmp_path / "elsewhere"))  # a worker that never saw the room
+    sip = room["sip"]
+    assert not await other_host.exists(sip["meeting_id"])
+    await publish_room(redis, room)
+    assert await other_host.exists(sip["meeting_id"])
+    assert await other_host.resolve(sip["meeting_id"], sip["mpin"]) == (room["room_id"], "moderator")
+    assert await other_host.resolve(sip["meeting_id"], sip["pin"]) == (room["room_id"], "participant")
+    assert await other_host.resolve(sip["meeting_id"], "000000") is None
+    stored = await redis.hgetall(f"gw:meeting:{sip['meeting_id']}")
+    assert sip["pin"] not in stored.values() and sip["mpin"] not in stored.values()
+    await unpublish_room(redis, room)
+    assert not await other_host.exists(sip["meeting_id"])
+    # a room only the local store knows is published on its first lookup
+    assert await SharedDirectory(redis, store).exists(sip["meeting_id"])
+    assert await other_host.exists(sip["meeting_id"])
+    store.close()
+
+
+async def test_pin_limits_hold_across_workers(redis: Any) -> None:
+    worker1, worker2 = RedisLimiter(redis, 2, 3, 60), RedisLimiter(redis, 2, 3, 60)
+    await worker1.failure("alice", "m1")
+    assert await worker2.check("alice", "m1") is None
+    await worker2.failure("alice", "m1")
+    assert await worker1.check("alice", "m1") == "caller"  # two failures, on two workers
+    await worker1.failure("bob", "m1")
+    assert await worker2.check("carol", "m1") == "meeting"
