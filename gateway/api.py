@@ -230,15 +230,11 @@ class VoiceApi:
                                   "timestamp": timestamp()})
 
     async def _run_outbound(self, call: OutboundCall, room_id: str) -> None:
-        try:
+        async def flow() -> None:
             if await call.place(self.config.api.ring_timeout_s):
                 await run_hosted(call, self.services, Order("join", room_id))
-        except Exception as exc:
-            logger.exception("call.app_failed", extra={"fields": {"voice_id": call.voice_id}})
-            call.hangup("internal_error", error=str(exc))
-        finally:
-            if not call.ended.is_set():
-                call.hangup("app_finished")
+
+        await call.supervise(flow())
 
     async def bridge(self, request: web.Request) -> web.Response:
         project: Project = request["project"]

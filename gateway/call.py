@@ -118,6 +118,20 @@ class Call:
             ended.cancel()
             other.cancel()
 
+    async def supervise(self, flow: Any) -> None:
+        """Run the call's application: a hang-up (CallEnded) ends it quietly, a failure ends the call cleanly
+        (BYE, reason internal_error in the CDR), and a flow that returns with the call up hangs it up."""
+        try:
+            await flow
+        except CallEnded:
+            pass
+        except Exception as exc:
+            logger.exception("call.app_failed", extra={"fields": {"voice_id": self.voice_id}})
+            self.hangup("internal_error", error=str(exc))
+        finally:
+            if not self.ended.is_set():
+                self.hangup("app_finished")
+
     def _check_alive(self) -> None:
         if self.ended.is_set():
             raise CallEnded(self.end_reason)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ProjectConfig
+from .rooms import open_store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS projects (
@@ -88,11 +89,7 @@ def _secret() -> str:
 
 class ProjectStore:
     def __init__(self, data_dir: Path | str) -> None:
-        self.path = Path(data_dir) / "rooms.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._db = open_store(data_dir, SCHEMA)
         self._cache: dict[str, tuple[float, Project | None]] = {}
 
     @staticmethod

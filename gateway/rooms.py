@@ -50,13 +50,19 @@ def _digits(n: int) -> str:
     return "".join(str(secrets.randbelow(10)) for _ in range(n))
 
 
+def open_store(data_dir: Path | str, schema: str) -> sqlite3.Connection:
+    """DATA_DIR/rooms.sqlite (WAL): rooms and projects, shared by the workers, the room service and the CLI."""
+    path = Path(data_dir) / "rooms.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(schema)
+    return db
+
+
 class RoomStore:
     def __init__(self, data_dir: Path | str) -> None:
-        self.path = Path(data_dir) / "rooms.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._db = open_store(data_dir, SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rooms)")}
         if "project" not in columns:  # a store made before rooms belonged to projects
             with self._db:

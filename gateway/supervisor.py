@@ -354,8 +354,10 @@ class Supervisor:
                 w.cancel()
             await self.shutdown(graceful=drain.is_set() and not stop.is_set(), stop=stop)
         finally:
+            self.stopping = True
             for task in self._tasks:
                 task.cancel()
+            await self._stop_workers_now()  # a failed start-up leaves none behind
             self._stop_helpers()
             if self.redis is not None:
                 await self.redis.aclose()
@@ -390,6 +392,17 @@ class Supervisor:
                 for proc in procs:
                     if proc.returncode is None:
                         proc.kill()
+
+    async def _stop_workers_now(self) -> None:
+        procs = [s.proc for s in self.slots if s.proc is not None and s.proc.returncode is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
     def _stop_helpers(self) -> None:
         for name in ("kamailio", "rooms", "redis"):

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from . import log
-from .call import Call, CallEnded
+from .call import Call
 from .cdr import CdrStore
 from .config import Config, DidConfig, TrunkConfig
 from .media.clock import MediaClock
@@ -385,22 +385,16 @@ class UserAgent:
         if call.ended.is_set():  # cancelled while we were binding
             media.close()
             return
-        try:
-            if did.answer_after_ms > 0:
-                await call.ring()
-                try:
-                    await asyncio.wait_for(call.ended.wait(), did.answer_after_ms / 1000)
-                except TimeoutError:
-                    pass
-            await self.apps[did.route](call)
-        except CallEnded:
-            pass
-        except Exception as exc:
-            logger.exception("call.app_failed", extra={"fields": {"voice_id": call.voice_id}})
-            call.hangup("internal_error", error=str(exc))
-        finally:
-            if not call.ended.is_set():
-                call.hangup("app_finished")
+        await call.supervise(self._answer_and_run(call, did))
+
+    async def _answer_and_run(self, call: Call, did: DidConfig) -> None:
+        if did.answer_after_ms > 0:
+            await call.ring()
+            try:
+                await asyncio.wait_for(call.ended.wait(), did.answer_after_ms / 1000)
+            except TimeoutError:
+                pass
+        await self.apps[did.route](call)
 
     def register_dialog(self, call: Call) -> None:
         assert call.dialog is not None

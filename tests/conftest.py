@@ -21,15 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "tests" / "integration" / "scenarios"
 
 
-def free_port(kind: str = "both") -> int:
-    """A port free for UDP and TCP on 127.0.0.1 (random, so parallel runs rarely collide)."""
+def free_port(kind: str = "both", count: int = 1) -> int:
+    """A port free for UDP and TCP on 127.0.0.1 (random, so parallel runs rarely collide); with `count`,
+    the first of that many consecutive free ports."""
     for _ in range(200):
-        port = random.randint(20000, 60000)
+        base = random.randint(20000, 60000 - count)
         try:
-            for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                with socket.socket(socket.AF_INET, typ) as s:
-                    s.bind(("127.0.0.1", port))
-            return port
+            for port in range(base, base + count):
+                for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    with socket.socket(socket.AF_INET, typ) as s:
+                        s.bind(("127.0.0.1", port))
+            return base
         except OSError:
             continue
     raise RuntimeError("no free port")

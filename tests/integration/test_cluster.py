@@ -9,7 +9,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,21 +29,6 @@ from tests.integration.voice_tools import HookServer, VoiceClient, cli
 
 ECHO_DID = "15550100001"
 API_NUMBER = "15550107777"
-
-
-def free_run(count: int) -> int:
-    """The first of `count` consecutive ports free for UDP and TCP."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                    with socket.socket(socket.AF_INET, typ) as s:
-                        s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port run")
 
 
 @dataclass
@@ -100,7 +84,7 @@ def tone(tmp: Path) -> Path:
 
 def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None) -> Cluster:
     data = tmp / "data"
-    sip, http, wsip = free_port(), free_run(4), free_run(4)
+    sip, http, wsip = free_port(), free_port(count=4), free_port(count=4)
     rtp_low = random.randrange(30000, 56000, 2)
     cfg = tmp / "gateway.toml"
     cfg.write_text(make_test_config())

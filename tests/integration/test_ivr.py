@@ -91,7 +91,7 @@ def test_directory_down_service_unavailable_then_bye(tmp_path: Path) -> None:
 
     dead = free_port()  # nothing listens there
     cfg = make_test_config().replace('kind = "embedded"', 'kind = "http"').replace(
-        'url = ""', f'url = "http://127.0.0.1:{dead}/directory"').replace("timeout_ms = 3000", "timeout_ms = 1000")
+        '\nurl = ""', f'\nurl = "http://127.0.0.1:{dead}/directory"', 1).replace("timeout_ms = 3000", "timeout_ms = 1000")
     gw = start_gateway(tmp_path, cfg)
     try:
         sf = ivr_scenario(tmp_path, [rfc4733("123456789#")], end="gateway", tail=20000)
@@ -256,7 +256,7 @@ def test_http_directory(tmp_path: Path) -> None:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     cfg = make_test_config().replace('kind = "embedded"', 'kind = "http"').replace(
-        'url = ""', f'url = "http://127.0.0.1:{port}/dir"').replace('username = ""\npassword = ""\ntimeout', 'username = "gw"\npassword = "pw"\ntimeout')
+        '\nurl = ""', f'\nurl = "http://127.0.0.1:{port}/dir"', 1).replace('username = ""\npassword = ""\ntimeout', 'username = "gw"\npassword = "pw"\ntimeout')
     gw = start_gateway(tmp_path, cfg)
     try:
         sf = ivr_scenario(tmp_path, [rfc4733("4242#"), rfc4733("2222#")])
