@@ -222,7 +222,7 @@ class VoiceApi:
         self.ua.calls[call.voice_id] = call
         self.ua.cdr.open_call(call.voice_id, "outbound", **{"from": from_, "to": to, "trunk": trunk.name,
                               "project": project.name, "room_id": room_id, "name": name, "owner_ref": owner_ref,
-                              "call_id": call.call_id})
+                              "event_url": event_url, "call_id": call.call_id})
         log.event(logger, "call.dialling", voice_id=call.voice_id, room_id=room_id, trunk=trunk.name, project=project.name)
         self.on_call_event(call, "initiated", {"room_id": room_id})
         call.task = asyncio.get_running_loop().create_task(self._run_outbound(call, room_id))

@@ -79,8 +79,10 @@ class CdrStore:
         self._queue.put(("event", (voice_id, state, time.time() if ts is None else ts, data)))
 
     # -- the webhook outbox (same writer, so an event is stored in the order it happened)
-    def outbox_add(self, event_id: str, voice_id: str, project: str, url: str, body: bytes, created: float) -> None:
-        self._queue.put(("outbox", (event_id, voice_id, project, url, body, created)))
+    def outbox_add(self, event_id: str, voice_id: str, project: str, url: str, body: bytes, created: float,
+                   worker: str | None = None) -> None:
+        """`worker`: whose outbox (the supervisor writes into a lost worker's, which delivers it once back)."""
+        self._queue.put(("outbox", (event_id, voice_id, worker or self.worker, project, url, body, created)))
 
     def outbox_state(self, event_id: str, status: str, attempts: int, error: str | None = None) -> None:
         self._queue.put(("outbox_state", (status, attempts, error, event_id)))
@@ -135,7 +137,7 @@ class CdrStore:
                         self._write_open(db, *args)
                     elif kind == "outbox":
                         db.execute("INSERT INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
-                                   " VALUES (?,?,?,?,?,?,?)", (*args[:2], self.worker, *args[2:]))
+                                   " VALUES (?,?,?,?,?,?,?)", args)
                     elif kind == "outbox_state":
                         db.execute("UPDATE outbox SET status=?, attempts=?, last_error=? WHERE event_id=?", args)
                     else:

@@ -35,10 +35,12 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from . import log
+from . import cdr, log
 from .cdr import CdrStore
 from .config import Config
+from .projects import ProjectStore
 from .registry import forget_worker
+from .webhooks import encode, lost_call_event
 
 logger = logging.getLogger("gateway.supervisor")
 TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "kamailio" / "kamailio.cfg.tmpl"
@@ -251,9 +253,33 @@ class Supervisor:
             log.event(logger, "supervisor.registry_error", logging.ERROR, error=str(exc))
         assert self.cdr is not None
         closed = await asyncio.to_thread(self.cdr.close_stale, "worker_lost", slot.name)
+        notified = await asyncio.to_thread(self._notify_lost, slot.name, closed)
         log.event(logger, "supervisor.worker_lost", logging.ERROR, worker=slot.name, code=code,
-                  registry_calls=len(calls), cdr_calls=len(closed))
+                  registry_calls=len(calls), cdr_calls=len(closed), webhooks=notified)
         await self.alarm("worker_lost", slot.name, reason=f"exit code {code}", calls=len(closed))
+
+    def _notify_lost(self, worker: str, voice_ids: list[str]) -> int:
+        """Queue each lost call's last webhook into the lost worker's outbox (sent once it is back)."""
+        assert self.cdr is not None
+        store = ProjectStore(self.data)
+        count = 0
+        try:
+            for voice_id in voice_ids:
+                call = cdr.get_call(self.data, voice_id)
+                project = store.by_name(str(call.get("project") or "")) if call else None
+                if call is None or project is None:
+                    continue
+                initiated: dict[str, Any] = next((e for e in call["events"] if e["state"] == "initiated"), {})
+                url = initiated.get("event_url") or project.notification_url
+                if not url:
+                    continue
+                event_id, body = encode(lost_call_event(call))
+                self.cdr.outbox_add(event_id, voice_id, project.name, url, body, time.time(), worker=worker)
+                count += 1
+        finally:
+            store.close()
+        self.cdr.flush()
+        return count
 
     async def alarm(self, event: str, worker: str, **data: Any) -> None:
         url = self.config.cluster.alarm_url

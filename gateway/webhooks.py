@@ -42,6 +42,27 @@ def verify(key: str, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(key, body), header)
 
 
+def encode(payload: dict[str, Any]) -> tuple[str, bytes]:
+    event_id = uuid.uuid4().hex
+    return event_id, json.dumps({"event_id": event_id, **payload}, separators=(",", ":")).encode()
+
+
+def lost_call_event(call: dict[str, Any]) -> dict[str, Any]:
+    """The last event of a call whose worker died (from its CDR record): disconnected, or failed if it was
+    never answered; reason worker_lost. The worker's outbox delivers it when the worker is back."""
+    initiated: dict[str, Any] = next((e for e in call.get("events", []) if e["state"] == "initiated"), {})
+    payload: dict[str, Any] = {
+        "state": "disconnected" if call.get("answered_at") else "failed" if call["direction"] == "outbound"
+        else "disconnected",
+        "voice_id": call["voice_id"], "room_id": call.get("room_id"),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "direction": call["direction"],
+        "from": call.get("from_number"), "to": call.get("to_number"), "code": None, "reason": "worker_lost"}
+    for key in ("name", "owner_ref"):
+        if initiated.get(key):
+            payload[key] = initiated[key]
+    return payload
+
+
 @dataclass
 class Pending:
     event_id: str
@@ -76,8 +97,7 @@ class Notifier:
             log.event(logger, "webhooks.resumed", events=len(resumed), calls=len(self.lanes))
 
     def emit(self, url: str, project: str, voice_id: str, payload: dict[str, Any]) -> None:
-        event_id = uuid.uuid4().hex
-        body = json.dumps({"event_id": event_id, **payload}, separators=(",", ":")).encode()
+        event_id, body = encode(payload)
         now = time.time()
         self.cdr.outbox_add(event_id, voice_id, project, url, body, now)
         self._queue(Pending(event_id, voice_id, project, url, body, now))

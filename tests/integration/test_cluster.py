@@ -40,6 +40,7 @@ class Cluster:
     log_path: Path
     tmp: Path
     rooms_port: int
+    hooks: HookServer | None = None  # the demo project's webhook receiver
 
     @property
     def sip(self) -> str:
@@ -82,12 +83,16 @@ def tone(tmp: Path) -> Path:
     return path
 
 
-def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None) -> Cluster:
+def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None,
+                  hooks: HookServer | None = None) -> Cluster:
     data = tmp / "data"
     sip, http, wsip = free_port(), free_port(count=4), free_port(count=4)
     rtp_low = random.randrange(30000, 56000, 2)
     cfg = tmp / "gateway.toml"
-    cfg.write_text(make_test_config())
+    text = make_test_config()
+    if hooks is not None:
+        text = text.replace('notification_url = ""', f'notification_url = "{hooks.url}"', 1)
+    cfg.write_text(text)
     log_path = tmp / "cluster.log"
     rooms_port = free_port()
     args = [sys.executable, "-m", "gateway", "run", "--workers", str(workers), "--config", str(cfg), "--sip-port", str(sip),
@@ -96,7 +101,7 @@ def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None
                "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port), "GATEWAY_CLUSTER_MAX_WORKERS": str(workers),
                "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "30", **(env or {})}
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=environ)
-    cluster = Cluster(proc, sip, http, data, log_path, tmp, rooms_port)
+    cluster = Cluster(proc, sip, http, data, log_path, tmp, rooms_port, hooks)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -111,11 +116,14 @@ def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     cli(tmp / "data", "projects", "create", "--name", "acme", "--number", API_NUMBER)
-    c = start_cluster(tmp)
+    hooks = HookServer(free_port())
+    hooks.start()
+    c = start_cluster(tmp, hooks=hooks)
     try:
         yield c
     finally:
         stop_process(c.proc, signal.SIGINT, grace=30)
+        hooks.stop()
         assert c.proc.returncode == 0, c.log()[-3000:]
         leftovers = subprocess.run(["pgrep", "-f", str(c.data)], capture_output=True, text=True).stdout.split()
         assert leftovers == [], "the supervisor left processes behind"
@@ -200,6 +208,13 @@ def test_worker_killed_under_load(cluster: Cluster) -> None:
     background.join(120)
     # the supervisor starts it again; the balancer takes it back once it answers OPTIONS
     wait_until(lambda: cluster.health(2) is not None, 30, "w2 restarted")
+    # the application hears of each lost call: its last webhook, delivered by w2 once it is back
+    assert cluster.hooks is not None
+    for row in rows:
+        events = wait_until(lambda r=row: cluster.hooks.events(r["voice_id"]) or None, 20, "the lost call's webhooks")
+        wait_until(lambda r=row: cluster.hooks.events(r["voice_id"])[-1].get("reason") == "worker_lost", 20,
+                   "a disconnected webhook with reason worker_lost")
+        assert events[0]["state"] == "incoming"
 
 
 def test_drain_lets_calls_finish_and_sends_new_ones_elsewhere(cluster: Cluster) -> None:
