@@ -71,7 +71,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
         if args.config is not None or DEFAULT_CONFIG.exists():
             cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
-        rooms = subprocess.Popen(cmd)  # its own process: media mixing never shares our interpreter lock
+        from .supervisor import die_with_parent
+
+        # its own process (media mixing never shares our interpreter lock), ended with us even on SIGKILL
+        rooms = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     try:
         asyncio.run(Worker(config, name=args.name).run_forever())
     finally:

@@ -187,3 +187,13 @@ async def forget_worker(redis: Any, worker: str) -> list[str]:
         p.srem("gw:workers", worker)
         await p.execute()
     return calls
+
+
+async def sweep_expired(redis: Any) -> dict[str, list[str]]:
+    """Workers whose heartbeat stopped (another host's worker died, or hangs): forget them and their calls.
+    Returns {worker: [voice_id, ...]}."""
+    gone = {}
+    for name in sorted(await redis.smembers("gw:workers")):
+        if not await redis.exists(f"gw:worker:{name}"):
+            gone[name] = await forget_worker(redis, name)
+    return gone

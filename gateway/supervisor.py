@@ -39,13 +39,14 @@ from . import cdr, log
 from .cdr import CdrStore
 from .config import Config
 from .projects import ProjectStore
-from .registry import forget_worker
+from .registry import forget_worker, sweep_expired
 from .webhooks import encode, lost_call_event
 
 logger = logging.getLogger("gateway.supervisor")
 TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "kamailio" / "kamailio.cfg.tmpl"
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 RESTART_DELAY_S = 1.0
+HUNG_AFTER_S = 10.0  # a worker whose /healthz has not answered for this long is killed (then handled as lost)
 SCALE_COOLDOWN_S = 10.0
 
 
@@ -61,10 +62,21 @@ class Slot:
     active: int = 0
     started_calls: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    healthy_at: float = field(default_factory=time.monotonic)
 
     @property
     def name(self) -> str:
         return f"w{self.index + 1}"
+
+
+def die_with_parent() -> None:
+    """preexec_fn for children: Linux sends them SIGTERM if this process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def kamailio_files(config: Config, slots: list[Slot], run_dir: Path) -> tuple[str, str]:
@@ -111,7 +123,8 @@ class Supervisor:
     def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None,
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = logfile.open("ab") if logfile else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
+                                preexec_fn=die_with_parent)
         self.helpers[name] = proc
         log.event(logger, "supervisor.helper_started", helper=name, pid=proc.pid, log=str(logfile or "-"))
         return proc
@@ -211,7 +224,7 @@ class Supervisor:
     async def _start_worker(self, slot: Slot) -> None:
         sources = json.dumps(sorted(set(self.config.cluster.lb_sources) | {self.config.sip.host}))
         env = {**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url, "GATEWAY_CLUSTER_LB_SOURCES": sources}
-        slot.proc = await asyncio.create_subprocess_exec(*self._worker_cmd(slot), env=env)
+        slot.proc = await asyncio.create_subprocess_exec(*self._worker_cmd(slot), env=env, preexec_fn=die_with_parent)
         slot.state, slot.active, slot.started_calls, slot.idle_since = "starting", 0, 0, time.monotonic()
         log.event(logger, "supervisor.worker_started", worker=slot.name, pid=slot.proc.pid, sip_port=slot.sip_port,
                   http_port=slot.http_port, extra=slot.extra)
@@ -308,7 +321,12 @@ class Supervisor:
                     continue
                 health = await self._health(slot)
                 if health is None:
+                    if slot.state != "starting" and now - slot.healthy_at > HUNG_AFTER_S and slot.proc is not None:
+                        log.event(logger, "supervisor.worker_hung", logging.ERROR, worker=slot.name,
+                                  silent_s=round(now - slot.healthy_at))
+                        slot.proc.kill()  # its watcher handles it as lost: calls closed, restarted
                     continue
+                slot.healthy_at = now
                 if slot.state == "starting":
                     slot.state, changed = "up", True
                 if health.get("status") == "draining" and slot.state != "draining":
@@ -320,7 +338,21 @@ class Supervisor:
                     slot.idle_since = now
             if changed or self._dirty:
                 self._reload_dispatcher()
+            await self._sweep_remote()
             await self._autoscale(new_calls / elapsed if elapsed > 0 else 0.0, now)
+
+    async def _sweep_remote(self) -> None:
+        """Workers of other hosts whose heartbeat stopped: their calls leave the registry (their own host's
+        CDR is theirs to close)."""
+        local = {s.name for s in self.slots}
+        try:
+            gone = await sweep_expired(self.redis)
+        except Exception as exc:  # noqa: BLE001 - next second
+            log.event(logger, "supervisor.registry_error", logging.WARNING, error=str(exc)[:200])
+            return
+        for name, calls in gone.items():
+            if name not in local:
+                await self.alarm("worker_lost", name, reason="heartbeat stopped", calls=len(calls))
 
     async def _autoscale(self, rate: float, now: float) -> None:
         cl = self.config.cluster

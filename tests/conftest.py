@@ -104,7 +104,8 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
         args += ["--config", str(cfg)]
     log_path = tmp / "gateway.log"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port), **(env or {})})
+                            env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port),
+                                 "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **(env or {})})
     gw = Gateway(proc, sip_port, http_port, rtp, data, log_path, rooms_port)
 
     def healthy() -> bool:

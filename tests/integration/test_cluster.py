@@ -217,6 +217,16 @@ def test_worker_killed_under_load(cluster: Cluster) -> None:
         assert events[0]["state"] == "incoming"
 
 
+def test_hung_worker_is_killed_and_replaced(cluster: Cluster) -> None:
+    wait_until(lambda: cluster.health(1) is not None, 30, "w1 up")
+    pid = cluster.pid(1)
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: no /healthz, no OPTIONS, no heartbeat
+    wait_until(lambda: '"supervisor.worker_hung", "worker": "w1"' in cluster.log(), 25, "the supervisor to see w1 hung")
+    wait_until(lambda: (cluster.health(1) or {}).get("status") == "ok" and cluster.pid(1) != pid, 30, "w1 replaced")
+    after = run_sipp(cluster.sip, "-sn", "uac", "-s", ECHO_DID, "-m", "4", "-r", "4", "-d", "100", timeout=30)
+    assert after.returncode == 0, after.stdout[-2000:]
+
+
 def test_drain_lets_calls_finish_and_sends_new_ones_elsewhere(cluster: Cluster) -> None:
     wait_until(lambda: cluster.health(2) is not None and cluster.health(1) is not None, 30, "both workers")
     long_calls: dict[str, Any] = {}

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.guard import RedisLimiter
-from gateway.registry import RedisRegistry, forget_worker, workers
+from gateway.registry import RedisRegistry, forget_worker, sweep_expired, workers
 from gateway.rooms import RoomStore, SharedDirectory, publish_room, unpublish_room
 from tests.conftest import free_port, stop_process, wait_until
 
@@ -57,6 +57,21 @@ async def test_registry_finds_the_worker_holding_a_call_and_forgets_a_lost_one(r
     finally:
         await w1.close()
         await w2.close()
+
+
+async def test_a_worker_whose_heartbeat_stopped_is_swept_with_its_calls(redis: Any, redis_url: str) -> None:
+    alive = RedisRegistry(redis_url, "h1-w1", "http://127.0.0.1:1", "127.0.0.1:5070")
+    await alive.start()
+    try:
+        # another host's worker that died: its membership and calls remain, its heartbeat key expired
+        await redis.sadd("gw:workers", "h2-w1")
+        await redis.sadd("gw:worker:h2-w1:calls", "call-x")
+        await redis.hset("gw:call:call-x", mapping={"worker": "h2-w1", "state": "joined"})
+        assert await sweep_expired(redis) == {"h2-w1": ["call-x"]}
+        assert not await redis.exists("gw:call:call-x") and set(await workers(redis)) == {"h1-w1"}
+        assert await sweep_expired(redis) == {}
+    finally:
+        await alive.close()
 
 
 async def wait_for(read: Any, expected: Any, tries: int = 100) -> None:
