@@ -180,6 +180,7 @@ class OutboundCall(Call):
         if self.ended.is_set():  # answered after we gave up (CANCEL crossed the 2xx): hang up at once
             bye = self.dialog.create_request("BYE")
             self.ua.send_in_dialog(self, bye)
+            self.ua.dialogs.pop(self.dialog.id, None)  # the call is already forgotten: no dialog left behind
             return
         self.remote_allow = [a.strip().upper() for v in response.headers.get_all("allow") for a in v.split(",")]
         try:

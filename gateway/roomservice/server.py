@@ -41,6 +41,7 @@ from .mixer import IdleVideo, Participant, Room, RoomClock
 logger = logging.getLogger("gateway.rooms")
 PAGE = Path(__file__).parent / "static" / "room.html"
 MAX_NAME = 64
+DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
 
 
 def restrict_ice(addresses: list[str]) -> None:
@@ -100,6 +101,7 @@ class RoomService:
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self.rooms: dict[str, Room] = {}
+        self._dials: dict[str, list[float]] = {}
         # several workers: rooms go into the shared directory in Redis as they are made and deleted
         self.redis: Any = None
         if config.cluster.redis_url:
@@ -222,6 +224,11 @@ class RoomService:
             return error(400, "invalid_input", "to: the number (E.164) or sip: URI to call")
         if not hmac.compare_digest(str(body.get("host", "")), host_token(self.secret, room_id)):
             return error(403, "not_moderator", "only the room's moderators (the host link) can call out")
+        now = asyncio.get_running_loop().time()
+        recent = [t for t in self._dials.get(room_id, []) if t > now - 60]
+        if len(recent) >= DIALS_PER_MINUTE:  # a leaked host link must not become a toll-fraud tool
+            return error(429, "too_many_calls", f"at most {DIALS_PER_MINUTE} calls per minute from one room")
+        self._dials[room_id] = recent + [now]
         room = await asyncio.to_thread(self.store.get, room_id)
         if room is None:
             return error(404, "room_not_found", "no room with this room_id")

@@ -103,7 +103,15 @@ def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> Non
     frames = [sent[i : i + 160] for i in range(0, len(sent), 160)]
     missing = [i for i, f in enumerate(frames) if f not in received]
     assert not missing, f"{len(missing)} of {len(frames)} frames not echoed: {missing[:20]}; {len(packets)} packets"
-    assert sent in received, "the echoed frames are not in the order sent"
+    # In order, byte for byte. The jitter buffer may pause playout for a frame or two when a packet comes late
+    # (sipp and the gateway share 2 cores): it plays silence then and loses nothing, so silence between the
+    # caller's frames is allowed, a little of it.
+    silence = b"\xff" * 160
+    echoed = [p.payload for p in packets]
+    first = echoed.index(frames[0])
+    span = echoed[first : echoed.index(frames[-1], first) + 1]
+    assert [f for f in span if f != silence] == frames, "the echoed frames are not in the order sent"
+    assert span.count(silence) <= 5, f"{span.count(silence)} silence frames inserted in the echo"
     rows = gateway.wait_calls_ended(1)
     assert rows[0]["reason"] == "remote_bye"
 

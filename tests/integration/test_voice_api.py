@@ -324,3 +324,9 @@ def test_moderator_calls_a_phone_from_the_room_page(voice: Voice) -> None:
     # a participant link (no host token) cannot call out
     status, body = rooms_api(voice.gw, "POST", f"/rooms/{room['room_id']}/dial", {"to": "15551230042", "host": "x"})
     assert status == 403 and body["error"]["code"] == "not_moderator"
+    # and a host link cannot be turned into a dialler: 10 calls per minute per room (1 placed above)
+    host = links["host"].split("host=")[1]
+    answers = [rooms_api(voice.gw, "POST", f"/rooms/{room['room_id']}/dial", {"to": "not a number", "host": host})
+               for _ in range(10)]
+    assert [a[0] for a in answers] == [400] * 9 + [429], answers
+    assert answers[0][1]["error"]["field"] == "to" and answers[-1][1]["error"]["code"] == "too_many_calls"
