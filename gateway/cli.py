@@ -172,12 +172,15 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
         numbers.append(Number(raw, inbound=not args.outbound_only, outbound=not args.inbound_only))
     if args.notification_url and not args.notification_url.startswith(("http://", "https://")):
         raise ConfigError("--notification-url: an http(s):// URL")
+    if not (Path(config.ivr.prompts_dir) / f"{args.language}.toml").exists():
+        raise ConfigError(f"--language: no prompts/{args.language}.toml")
     if args.trunk and not any(t.name == args.trunk and t.outbound for t in config.trunks):
         raise ConfigError(f"--trunk: no trunk named {args.trunk!r} with [trunks.outbound]")
     store = ProjectStore(config.data_dir)
     try:
         project = store.create(args.name, numbers, notification_url=args.notification_url or "",
-                               trunk=args.trunk or "", welcome_text=args.welcome_text or "")
+                               trunk=args.trunk or "", welcome_text=args.welcome_text or "",
+                               voice_type=args.voice_type, language=args.language)
     except ValueError as exc:
         print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
         return 1
@@ -300,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     pcreate.add_argument("--notification-url", help="default webhook for the project's calls")
     pcreate.add_argument("--trunk", help="outbound trunk (default: the first with [trunks.outbound])")
     pcreate.add_argument("--welcome-text", help="greeting for the project's inbound calls")
+    pcreate.add_argument("--voice-type", choices=["female", "male"], default="female", help="prompt voice")
+    pcreate.add_argument("--language", default="en-US", help="prompt language (prompts/<language>.toml)")
     pcreate.set_defaults(func=cmd_projects_create)
     plist = projects.add_parser("list", help="all projects (JSON)")
     common(plist)

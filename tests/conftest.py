@@ -116,7 +116,11 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
         except OSError:
             return False
 
-    wait_until(healthy, 20, "gateway /healthz")
+    try:
+        wait_until(healthy, 20, "gateway /healthz")
+    except AssertionError:
+        stop_process(proc)
+        raise
     return gw
 
 

@@ -108,7 +108,11 @@ def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None
             raise AssertionError(f"cluster exited: {cluster.log()[-3000:]}")
         return '"supervisor.started"' in cluster.log()
 
-    wait_until(up, 90, "the supervisor to start Redis, the workers and Kamailio")
+    try:
+        wait_until(up, 90, "the supervisor to start Redis, the workers and Kamailio")
+    except AssertionError:
+        stop_process(proc, signal.SIGINT, grace=30)  # whatever it started goes with it
+        raise
     return cluster
 
 
