@@ -84,7 +84,7 @@ def kamailio_files(config: Config, slots: list[Slot], run_dir: Path) -> tuple[st
     sip = config.sip
     listen = "\n".join(f"listen={t}:{sip.host}:{sip.port}" for t in sip.transports)
     values = {"DEBUG": "1", "CHILDREN": "4", "LISTEN": listen, "HOST": sip.host, "PORT": str(sip.port),
-              "MODULES": MODULES, "CTL_SOCKET": str(run_dir / "kamailio.ctl"), "FR_TIMER_MS": "2000",
+              "MODULES": MODULES, "CTL_SOCKET": str(run_dir / "kamailio.ctl"), "FR_TIMER_MS": "1000",
               "DISPATCHER_LIST": str(run_dir / "dispatcher.list"), "PING_INTERVAL_S": "2"}
     text = TEMPLATE.read_text()
     for key, value in values.items():
@@ -258,7 +258,11 @@ class Supervisor:
             await self._start_worker(slot)
 
     async def _worker_lost(self, slot: Slot, code: int) -> None:
-        """Close what the dead worker held: the registry first (the API stops routing to it), then the CDR."""
+        """Close what the dead worker held: Kamailio stops choosing it at once (not after a timeout), the
+        registry stops routing API requests to it, then the CDR and the webhooks."""
+        if "kamailio" in self.helpers:  # OPTIONS probing marks it active again once it is back
+            await asyncio.to_thread(self._kamcmd, "dispatcher.set_state", "ip", "1",
+                                    f"sip:{self.config.sip.host}:{slot.sip_port}")
         calls: list[str] = []
         try:
             calls = await forget_worker(self.redis, slot.name)
