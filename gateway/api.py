@@ -18,8 +18,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,7 +33,7 @@ from .outbound import DialError, OutboundCall
 from .projects import Project, ProjectStore, normalize_number
 from .registry import CallRegistry, RedisRegistry
 from .rooms import RoomStore, publish_room
-from .webhooks import Notifier
+from .webhooks import Notifier, timestamp
 
 if TYPE_CHECKING:
     from .ua import UserAgent
@@ -61,10 +59,6 @@ class ApiError(Exception):
         if self.status == 401:
             r.headers["WWW-Authenticate"] = 'Basic realm="voice", charset="UTF-8"'
         return r
-
-
-def timestamp(ts: float | None = None) -> str:
-    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = MAX_TEXT) -> str:
@@ -224,7 +218,7 @@ class VoiceApi:
                               "project": project.name, "room_id": room_id, "name": name, "owner_ref": owner_ref,
                               "event_url": event_url, "call_id": call.call_id})
         log.event(logger, "call.dialling", voice_id=call.voice_id, room_id=room_id, trunk=trunk.name, project=project.name)
-        self.on_call_event(call, "initiated", {"room_id": room_id})
+        self.ua.on_call_event(call, "initiated", {"room_id": room_id})  # webhooks, metrics, registry
         call.task = asyncio.get_running_loop().create_task(self._run_outbound(call, room_id))
         return web.json_response({"state": "initiated", "voice_id": call.voice_id, "room_id": room_id,
                                   "timestamp": timestamp()})

@@ -22,6 +22,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -42,6 +43,11 @@ def verify(key: str, body: bytes, header: str) -> bool:
     return hmac.compare_digest(sign(key, body), header)
 
 
+def timestamp(ts: float | None = None) -> str:
+    """ISO 8601 UTC with milliseconds, as every webhook and API answer carries it."""
+    return datetime.fromtimestamp(time.time() if ts is None else ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def encode(payload: dict[str, Any]) -> tuple[str, bytes]:
     event_id = uuid.uuid4().hex
     return event_id, json.dumps({"event_id": event_id, **payload}, separators=(",", ":")).encode()
@@ -55,7 +61,7 @@ def lost_call_event(call: dict[str, Any]) -> dict[str, Any]:
         "state": "disconnected" if call.get("answered_at") else "failed" if call["direction"] == "outbound"
         else "disconnected",
         "voice_id": call["voice_id"], "room_id": call.get("room_id"),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "direction": call["direction"],
+        "timestamp": timestamp(), "direction": call["direction"],
         "from": call.get("from_number"), "to": call.get("to_number"), "code": None, "reason": "worker_lost"}
     for key in ("name", "owner_ref"):
         if initiated.get(key):

@@ -81,7 +81,6 @@ class Worker:
         self.ua.listener = self._on_call_event
         threshold = config.cluster.cpu_threshold
         self.ua.overloaded = lambda: threshold > 0 and self._cpu_percent > threshold
-        self.draining = False
         self._tasks: list[asyncio.Task[None]] = []
         self._prerender: asyncio.Task[None] | None = None
         self.registrations = [Registration(self.ua, t) for t in config.trunks if t.register is not None]
@@ -116,7 +115,7 @@ class Worker:
             if now - then >= 2.0:
                 self._cpu_percent = 100.0 * (cpu - cpu_then) / (now - then)
                 self._cpu = (now, cpu)
-            self.registry.set_state("draining" if self.draining else "up", len(self.ua.calls))
+            self.registry.set_state("up" if self.ua.accepting else "draining", len(self.ua.calls))
             if isinstance(self.registry, RedisRegistry):
                 try:
                     self._workers_alive = len(await self.registry.workers())
@@ -170,7 +169,6 @@ class Worker:
     async def drain(self, deadline_s: float) -> None:
         """Stop taking calls (INVITE and OPTIONS answer 503, so the balancer moves on), let the calls in
         progress finish for up to `deadline_s`, then stop (what is left is hung up, reason drain_deadline)."""
-        self.draining = True
         self.ua.accepting = False
         self.registry.set_state("draining", len(self.ua.calls))
         log.event(logger, "worker.draining", logging.WARNING, worker=self.name, calls=len(self.ua.calls),
