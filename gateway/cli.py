@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import cdr, log
+from . import log
 from .config import Config, ConfigError, load_config
+from .store import cdr
 
 DEFAULT_CONFIG = Path("config/gateway.toml")
 
@@ -52,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     if not args.cluster_child and (args.workers is not None or config.cluster.workers > 1):
-        from .supervisor import Supervisor
+        from .cluster.supervisor import Supervisor
 
         path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         try:
@@ -63,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     rooms = None
     if config.room_service.embedded and not args.no_rooms:
-        from .roomservice.server import service_secrets
+        from .rooms.service.server import service_secrets
 
         service_secrets(config)  # create the shared secrets before the room service reads them
         cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(config.data_dir),
@@ -71,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
         if args.config is not None or DEFAULT_CONFIG.exists():
             cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
-        from .supervisor import die_with_parent
+        from .cluster.supervisor import die_with_parent
 
         # its own process (media mixing never shares our interpreter lock), ended with us even on SIGKILL
         rooms = subprocess.Popen(cmd, preexec_fn=die_with_parent)
@@ -88,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    from .supervisor import drain
+    from .cluster.supervisor import drain
 
     try:
         print(json.dumps(drain(_config(args), args.worker)))
@@ -99,7 +100,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_kamailio_config(args: argparse.Namespace) -> int:
-    from .supervisor import Supervisor, kamailio_files
+    from .cluster.supervisor import Supervisor, kamailio_files
 
     config = _config(args)
     sup = Supervisor(config, args.config, config.cluster.workers)
@@ -128,7 +129,7 @@ def cmd_cdr(args: argparse.Namespace) -> int:
 
 
 def cmd_rooms_create(args: argparse.Namespace) -> int:
-    from .rooms import RoomStore
+    from .store.rooms import RoomStore
 
     config = _config(args)
     store = RoomStore(config.data_dir)
@@ -143,7 +144,7 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
-    from .roomservice.server import room_links, service_secrets
+    from .rooms.service.server import room_links, service_secrets
 
     room["links"] = room_links(config, service_secrets(config)["secret"], room["room_id"])
     print(json.dumps(room, indent=2))
@@ -151,7 +152,7 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
 
 
 def cmd_rooms_list(args: argparse.Namespace) -> int:
-    from .rooms import RoomStore
+    from .store.rooms import RoomStore
 
     store = RoomStore(_config(args).data_dir)
     print(json.dumps(store.list(), indent=2))
@@ -160,7 +161,7 @@ def cmd_rooms_list(args: argparse.Namespace) -> int:
 
 
 def cmd_projects_create(args: argparse.Namespace) -> int:
-    from .projects import Number, ProjectStore, normalize_number
+    from .store.projects import Number, ProjectStore, normalize_number
 
     config = _config(args)
     numbers = []
@@ -191,7 +192,7 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
 
 
 def cmd_projects_list(args: argparse.Namespace) -> int:
-    from .projects import ProjectStore
+    from .store.projects import ProjectStore
 
     config = _config(args)
     store = ProjectStore(config.data_dir)
@@ -209,14 +210,14 @@ def cmd_rooms_serve(args: argparse.Namespace) -> int:
     if args.voice_api_url:
         config.room_service.voice_api_url = args.voice_api_url
     log.setup(config.log.level, config.log.format)
-    from .roomservice.server import serve
+    from .rooms.service.server import serve
 
     serve(config)
     return 0
 
 
 def cmd_prompts_render(args: argparse.Namespace) -> int:
-    from .prompts import PromptError, PromptLibrary, prompt_sets
+    from .apps.prompts import PromptError, PromptLibrary, prompt_sets
 
     config = _config(args)
     log.setup(config.log.level, "text")

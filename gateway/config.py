@@ -149,6 +149,43 @@ class ClusterConfig:
 
 
 @dataclass
+class JanusConfig:
+    """The Janus media server the video rooms run on: one we start and supervise (`managed`), or external ones."""
+
+    managed: bool = True  # start our own Janus (ignored when `urls` lists external servers)
+    host: str = "127.0.0.1"  # its HTTP/WebSocket APIs and the plain-RTP sockets of phone participants bind here
+    http_port: int = 8088  # Janus REST API (the gateway's client)
+    ws_port: int = 8188  # Janus WebSocket API (browsers, janus.js)
+    rtp_port_min: int = 40000  # WebRTC and plain-RTP ports of our Janus
+    rtp_port_max: int = 44999
+    public_ip: str = ""  # 1:1 NAT: the public address written in ICE candidates (nat_1_1_mapping)
+    stun_server: str = ""  # host[:port] Janus asks for its reflexive address
+    ice_enforce_list: list[str] = field(default_factory=list)  # interfaces/addresses ICE may use; [] = all
+    turn_servers: list[str] = field(default_factory=list)  # turn:/turns: URIs handed to browsers (the room page)
+    urls: list[str] = field(default_factory=list)  # external Janus REST URLs (http://host:port/janus); implies not managed
+    api_secret: str = field(default="", repr=False)  # empty: generated once into DATA_DIR/janus/secrets.json
+    admin_key: str = field(default="", repr=False)  # room-creation key of both plugins; empty: generated per plugin
+    prebuffer: int = 1  # AudioBridge default_prebuffering (20 ms packets) for rooms we create
+    binary: str = "janus"
+
+    @property
+    def is_managed(self) -> bool:
+        """Whether the gateway starts Janus itself: `managed` and no external `urls`."""
+        return self.managed and not self.urls
+
+    def stun(self) -> tuple[str, int] | None:
+        """`stun_server` as (host, port), port 3478 unless given; None when unset. ValueError if malformed."""
+        if not self.stun_server:
+            return None
+        host, sep, port = self.stun_server.rpartition(":")
+        if not sep:
+            host, port = self.stun_server, "3478"
+        if not host or any(ch in host for ch in ' "\\\n') or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(self.stun_server)
+        return host, int(port)
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -221,6 +258,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    janus: JanusConfig = field(default_factory=JanusConfig)
     trunks: list[TrunkConfig] = field(
         default_factory=lambda: [TrunkConfig(name="local", sources=["127.0.0.0/8"])]
     )
@@ -413,6 +451,7 @@ def _validate(c: Config) -> None:
         _check_ip(addr, f"cluster.lb_sources[{i}]")
     if cl.alarm_url and not cl.alarm_url.startswith(("http://", "https://")):
         raise ConfigError("cluster.alarm_url: an http(s):// URL")
+    _validate_janus(c.janus)
     for i, p in enumerate(c.projects):
         if p.notification_url and not p.notification_url.startswith(("http://", "https://")):
             raise ConfigError(f"projects[{i}].notification_url: must be an http(s):// URL")
@@ -425,6 +464,41 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"dids[{i}].room_id: required when route = \"room\"")
         if d.project not in projects:
             raise ConfigError(f"dids[{i}].project: no project named {d.project!r}")
+
+
+def _validate_janus(j: JanusConfig) -> None:
+    for key in ("http_port", "ws_port"):
+        if not 1 <= getattr(j, key) <= 65535:
+            raise ConfigError(f"janus.{key}: must be a port number 1-65535, not {getattr(j, key)}")
+    if j.http_port == j.ws_port:
+        raise ConfigError("janus.http_port/janus.ws_port: must differ")
+    if not 1024 <= j.rtp_port_min < j.rtp_port_max <= 65535:
+        raise ConfigError("janus.rtp_port_min/janus.rtp_port_max: need 1024 <= rtp_port_min < rtp_port_max <= 65535")
+    _check_ip(j.host, "janus.host")
+    if j.public_ip:
+        _check_ip(j.public_ip, "janus.public_ip")
+    try:
+        j.stun()
+    except ValueError:
+        raise ConfigError(f"janus.stun_server: must be host or host:port, not {j.stun_server!r}") from None
+    for i, item in enumerate(j.ice_enforce_list):
+        if not item or any(ch in item for ch in ", \"\n"):
+            raise ConfigError(f"janus.ice_enforce_list[{i}]: an interface name or address, not {item!r}")
+    for i, uri in enumerate(j.turn_servers):
+        if not uri.startswith(("turn:", "turns:")):
+            raise ConfigError(f"janus.turn_servers[{i}]: must be a turn: or turns: URI")
+    for i, url in enumerate(j.urls):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"janus.urls[{i}]: must be an http(s):// URL of a Janus REST API")
+    if j.urls and not j.admin_key:
+        raise ConfigError("janus.admin_key: required with external janus.urls (the servers' plugin admin_key)")
+    for key in ("api_secret", "admin_key"):
+        if any(ch in getattr(j, key) for ch in "\"\\\n"):
+            raise ConfigError(f"janus.{key}: must not contain quotes, backslashes or newlines")
+    if not 0 <= j.prebuffer <= 50:
+        raise ConfigError("janus.prebuffer: 0 to 50 packets")
+    if not j.binary:
+        raise ConfigError("janus.binary: required")
 
 
 def _check_ip(value: str, key: str) -> None:

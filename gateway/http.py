@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .worker import Worker
+from .adapters.clock import MediaClock
+from .api.voice import VoiceApi
+from .calls.registration import Registration
+from .calls.ua import UserAgent
+from .cluster.metrics import Metrics
+from .config import Config
 
 
-def make_app(worker: Worker) -> web.Application:
+class Served(Protocol):
+    """What the HTTP side reads of its worker (`gateway.worker.Worker`)."""
+
+    config: Config
+    name: str
+    ready: bool
+    ua: UserAgent
+    registrations: list[Registration]
+    clock: MediaClock
+    metrics: Metrics
+    api: VoiceApi
+
+
+def make_app(worker: Served) -> web.Application:
     app = web.Application(client_max_size=worker.config.api.max_body_bytes)
     app["worker"] = worker
 

@@ -14,25 +14,27 @@ from typing import Any
 from aiohttp import web
 
 from . import log
-from .api import VoiceApi
+from .adapters.clock import MediaClock
+from .api.voice import VoiceApi
+from .api.webhooks import Notifier
 from .apps.echo import echo
-from .apps.ivr import IvrServices, make_api_route, make_dial_in
-from .bridge import EmbeddedRoomConnector
-from .call import Call
-from .cdr import CdrStore
+from .apps.limits import AttemptLimiter, RedisLimiter
+from .apps.prompts import PromptError, PromptLibrary, prompt_sets
+from .apps.routes import make_api_route, make_dial_in
+from .apps.services import Directory, IvrServices, Limiter
+from .calls.call import Call
+from .calls.registration import Registration
+from .calls.ua import App, UserAgent
+from .cluster.metrics import Metrics
+from .cluster.registry import CallRegistry, LocalRegistry, RedisRegistry
 from .config import Config, DidConfig
-from .guard import AttemptLimiter, Limiter, RedisLimiter
 from .http import make_app
-from .media.clock import MediaClock
-from .metrics import Metrics
-from .projects import ProjectStore
-from .prompts import PromptError, PromptLibrary, prompt_sets
-from .registration import Registration
-from .registry import CallRegistry, LocalRegistry, RedisRegistry
-from .rooms import Directory, EmbeddedDirectory, HttpDirectory, RoomStore, SharedDirectory
-from .roomservice.server import restrict_ice, service_secrets
-from .ua import App, UserAgent
-from .webhooks import Notifier
+from .rooms.connector import EmbeddedRoomConnector
+from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory
+from .rooms.service.server import restrict_ice, service_secrets
+from .store.cdr import CdrStore
+from .store.projects import ProjectStore
+from .store.rooms import RoomStore
 
 logger = logging.getLogger("gateway.worker")
 

@@ -1,1 +1,1 @@
-"""Call applications, one per DID route: what a caller gets once admitted."""
+"""Floor 4: call applications: the dial-in flow, the in-room flow, echo, and what they share (services)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..call import Call
+from ..calls.call import Call
 
 
 async def echo(call: Call) -> None:

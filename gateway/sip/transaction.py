@@ -15,15 +15,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from .message import (
-    Headers,
-    Request,
-    Response,
-    SipParseError,
-    Via,
-    make_response,
-    parse_message,
-)
+from .message import Headers, Request, Response, SipParseError, Via, make_response, parse_message
 
 T1 = 0.5
 T2 = 4.0

@@ -131,9 +131,9 @@ def test_baresip_sndcode_repeated_digits(ivr_gateway: Gateway, tmp_path: Path) -
 
 def test_prompt_audio_is_speech_and_rendered_once(ivr_gateway: Gateway, tmp_path: Path) -> None:
     """The caller hears the welcome prompt as 8 kHz speech (not silence); the second call uses the cache."""
+    from gateway.apps.prompts import read_wav
     from gateway.media import g711
     from gateway.media.rtp import RtpPacket
-    from gateway.prompts import read_wav
     from tests.integration.media_tools import Capture
 
     media_port = 42000 + (ivr_gateway.sip_port % 1000) * 2

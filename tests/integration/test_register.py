@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from gateway.registration import refresh_delay, retry_delay
+from gateway.calls.registration import refresh_delay, retry_delay
 from tests.conftest import SCENARIOS, free_port, make_test_config, start_gateway, stop_gateway, wait_until
 
 

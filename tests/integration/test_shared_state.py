@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.guard import RedisLimiter
-from gateway.registry import RedisRegistry, forget_worker, sweep_expired, workers
-from gateway.rooms import RoomStore, SharedDirectory, publish_room, unpublish_room
+from gateway.apps.limits import RedisLimiter
+from gateway.cluster.registry import RedisRegistry, forget_worker, sweep_expired, workers
+from gateway.rooms.directory import SharedDirectory, publish_room, unpublish_room
+from gateway.store.rooms import RoomStore
 from tests.conftest import free_port, stop_process, wait_until
 
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from gateway.webhooks import SIGNATURE_HEADER, verify
+from gateway.api.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import ROOT, Gateway, wait_until
 
 

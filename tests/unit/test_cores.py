@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gateway.adapters.ports import PortAllocator, PortsExhausted
 from gateway.config import Config, ConfigError, load_config
 from gateway.media import g711
 from gateway.media.jitter import JitterBuffer
-from gateway.media.ports import PortAllocator, PortsExhausted
 from gateway.media.rtp import RtpError, RtpPacket
 from gateway.sip.auth import Credentials, DigestClient, DigestServer, digest_response
 from gateway.sip.dialog import Dialog

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.guard import AttemptLimiter
-from gateway.prompts import PromptLibrary, write_wav
-from gateway.rooms import EmbeddedDirectory, RoomStore, check_pin
+from gateway.apps.limits import AttemptLimiter
+from gateway.apps.prompts import PromptLibrary, write_wav
+from gateway.rooms.directory import EmbeddedDirectory
+from gateway.store.rooms import RoomStore, check_pin
 
 
 def test_room_store_create_lookup_and_roles(tmp_path: Path) -> None:
@@ -68,7 +69,7 @@ def test_recorded_prompt_overrides_tts(tmp_path: Path) -> None:
 def test_missing_espeak_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ctypes.util
 
-    from gateway import prompts as mod
+    from gateway.apps import prompts as mod
 
     monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
     lib = PromptLibrary(Path("prompts"), tmp_path / "cache")

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.cdr import CdrStore
+from gateway.api.webhooks import SIGNATURE_HEADER, Notifier, sign, verify
+from gateway.calls.control import Order, Steering
+from gateway.calls.outbound import DialError, request_uri
 from gateway.config import WebhookConfig
-from gateway.control import Order, Steering
-from gateway.outbound import DialError, request_uri
-from gateway.projects import Number, ProjectStore, normalize_number
 from gateway.sip.message import SipUri
-from gateway.webhooks import SIGNATURE_HEADER, Notifier, sign, verify
+from gateway.store.cdr import CdrStore
+from gateway.store.projects import Number, ProjectStore, normalize_number
 
 
 def test_projects_credentials_numbers_and_names(tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.signal import resample_poly
 
-from . import log
-from .media import g711
+from .. import log
+from ..media import g711
 
 logger = logging.getLogger("gateway.prompts")
 RATE = 8000

@@ -15,20 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .call import Call, SessionTimer
-from .config import TrunkConfig
-from .media.ports import PortsExhausted
-from .media.session import RtpSession
-from .sip.auth import Credentials, DigestClient
-from .sip.dialog import Dialog
-from .sip.message import Headers, Request, Response, SipParseError, SipUri
-from .sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
-from .sip.transaction import ClientInviteTransaction, Target, _is_ip
-
-if TYPE_CHECKING:
-    from .ua import UserAgent
+from ..adapters.ports import PortsExhausted
+from ..adapters.rtp_session import RtpSession
+from ..config import TrunkConfig
+from ..sip.auth import Credentials, DigestClient
+from ..sip.dialog import Dialog
+from ..sip.message import Headers, Request, Response, SipParseError, SipUri
+from ..sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
+from .call import Call, CallHost, SessionTimer
 
 logger = logging.getLogger("gateway.outbound")
 MAX_AUTH_ROUNDS = 2
@@ -53,7 +50,7 @@ def request_uri(to: str, proxy: SipUri) -> str:
 
 
 class OutboundCall(Call):
-    def __init__(self, ua: UserAgent, via: TrunkConfig, dial_to: str, dial_from: str, **info: Any) -> None:
+    def __init__(self, ua: CallHost, via: TrunkConfig, dial_to: str, dial_from: str, **info: Any) -> None:
         if via.outbound is None:
             raise DialError(f"trunk {via.name} has no [trunks.outbound] section")
         self.via = via
@@ -130,7 +127,7 @@ class OutboundCall(Call):
         assert isinstance(txn, ClientInviteTransaction)
         txn.user = (self, self.on_invite_response)
         self.client_invite = txn
-        self.ua._flush()
+        self.ua.flush()
 
     # -- responses to our INVITE (every one, provisional too; None = no answer at all)
     def on_invite_response(self, response: Response | None) -> None:
@@ -204,7 +201,7 @@ class OutboundCall(Call):
         assert self.dialog is not None
         ack = self.dialog.create_ack(response.cseq[0])
         self.ua.stack.send_request(ack, self.ua.in_dialog_target(self), self.ua.now())
-        self.ua._flush()
+        self.ua.flush()
 
     def _negotiate_uac_timer(self, response: Response) -> None:
         """RFC 4028 from the UAC side: the 2xx says who refreshes; "uac" is us."""
@@ -229,7 +226,7 @@ class OutboundCall(Call):
         txn = self.client_invite
         if txn is not None and txn.state in ("calling", "proceeding"):
             self.ua.stack.cancel(txn, self.ua.now())
-            self.ua._flush()
+            self.ua.flush()
         if why == "no_answer":
             self._fail(status, reason, error="no answer within the ring timeout")
         else:

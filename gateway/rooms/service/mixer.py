@@ -21,8 +21,8 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCPeerConnection
 from aiortc.contrib.media import MediaRelay
 
-from .. import log
-from ..media.tracks import PushTrack, pcm_frames
+from ... import log
+from ...adapters.tracks import PushTrack, pcm_frames
 
 logger = logging.getLogger("gateway.rooms")
 RATE = 48000

@@ -17,9 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .call import Call
-    from .ua import UserAgent
-    from .webhooks import Notifier
+    from ..api.webhooks import Notifier
+    from ..calls.call import Call
+    from ..calls.ua import UserAgent
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

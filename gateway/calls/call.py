@@ -12,24 +12,61 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import log
-from .media.session import RtpSession
-from .sip.dialog import Dialog
-from .sip.message import Request, Response, make_response
-from .sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
-from .sip.transaction import ServerInviteTransaction, ServerTransaction, Target, new_tag
-
-if TYPE_CHECKING:
-    from .ua import UserAgent
+from .. import log
+from ..adapters.clock import MediaClock
+from ..adapters.ports import PortAllocator
+from ..adapters.rtp_session import RtpSession
+from ..config import Config
+from ..sip.dialog import Dialog
+from ..sip.message import Request, Response, make_response
+from ..sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from ..sip.transaction import ServerInviteTransaction, ServerTransaction, SipStack, Target, new_tag
+from ..store.cdr import CdrStore
 
 logger = logging.getLogger("gateway.call")
 
 
 class CallEnded(Exception):
     """The call is over (hang-up, cancel, failure); raised into the application's flow."""
+
+
+class CallHost(Protocol):
+    """The user agent as a call sees it (`calls.ua.UserAgent` implements it): calls depend on this, not on the UA."""
+
+    config: Config
+    cdr: CdrStore
+    clock: MediaClock
+    ports: PortAllocator
+    stack: SipStack
+    allow: str
+    media_host: str
+    dialogs: dict[tuple[str, str, str], Any]
+
+    def now(self) -> float: ...
+
+    def contact(self, transport: str) -> str: ...
+
+    def respond(self, txn: ServerTransaction, response: Response) -> None: ...
+
+    def flush(self) -> None:
+        """Hand what the SIP stack queued to the transport."""
+
+    def in_dialog_target(self, call: Call) -> Target: ...
+
+    def send_in_dialog(self, call: Call, request: Request,
+                       on_final: Callable[[Response | None], None] | None = None) -> None: ...
+
+    def register_dialog(self, call: Call) -> None: ...
+
+    def forget(self, call: Call) -> None: ...
+
+    def on_call_event(self, call: Call, state: str, data: dict[str, object]) -> None: ...
+
+    def on_info(self, call: Call, request: Request) -> None: ...
 
 
 @dataclass
@@ -41,7 +78,7 @@ class SessionTimer:
 class Call:
     direction = "inbound"
 
-    def __init__(self, ua: UserAgent, invite: Request, txn: ServerInviteTransaction | None, source: Target,
+    def __init__(self, ua: CallHost, invite: Request, txn: ServerInviteTransaction | None, source: Target,
                  **info: Any) -> None:
         self.ua = ua
         self.voice_id = str(uuid.uuid4())

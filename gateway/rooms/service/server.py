@@ -32,10 +32,11 @@ import aioice.ice
 from aiohttp import WSMsgType, web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from .. import log
-from ..config import Config
-from ..projects import ProjectStore
-from ..rooms import RoomStore, publish_room, unpublish_room
+from ... import log
+from ...config import Config
+from ...store.projects import ProjectStore
+from ...store.rooms import RoomStore
+from ..directory import publish_room, unpublish_room
 from .mixer import IdleVideo, Participant, Room, RoomClock
 
 logger = logging.getLogger("gateway.rooms")

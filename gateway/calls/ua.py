@@ -13,18 +13,17 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from . import log
-from .call import Call
-from .cdr import CdrStore
-from .config import Config, DidConfig, TrunkConfig
-from .media.clock import MediaClock
-from .media.dtmf import parse_info
-from .media.ports import PortAllocator, PortsExhausted
-from .media.session import RtpSession
-from .sip.auth import DigestServer
-from .sip.message import KNOWN_METHODS, Request, Response, make_response
-from .sip.sdp import MediaParams, SdpError
-from .sip.transaction import (
+from .. import log
+from ..adapters.clock import MediaClock
+from ..adapters.ports import PortAllocator, PortsExhausted
+from ..adapters.rtp_session import RtpSession
+from ..adapters.sip_transport import SipTransport
+from ..config import Config, DidConfig, TrunkConfig
+from ..media.dtmf import parse_info
+from ..sip.auth import DigestServer
+from ..sip.message import KNOWN_METHODS, Request, Response, make_response
+from ..sip.sdp import MediaParams, SdpError
+from ..sip.transaction import (
     ALLOW,
     AckTimedOut,
     CancelReceived,
@@ -40,7 +39,8 @@ from .sip.transaction import (
     _is_ip,
     new_tag,
 )
-from .transport import SipTransport
+from ..store.cdr import CdrStore
+from .call import Call
 
 logger = logging.getLogger("gateway.ua")
 
@@ -110,9 +110,9 @@ class UserAgent:
         if "server" not in response.headers:
             response.headers.add("Server", self.config.sip.user_agent)
         txn.respond(response, self.now())  # type: ignore[attr-defined]
-        self._flush()
+        self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self.transport is not None:
             self.transport.service()
 
@@ -127,7 +127,7 @@ class UserAgent:
         txn = self.stack.send_request(request, target, self.now())
         if txn is not None:
             txn.user = (None, done)
-        self._flush()
+        self.flush()
         return fut
 
     def in_dialog_target(self, call: Call) -> Target:
@@ -143,7 +143,7 @@ class UserAgent:
         txn = self.stack.send_request(request, self.in_dialog_target(call), self.now())
         if txn is not None:
             txn.user = (call, on_final)
-        self._flush()
+        self.flush()
 
     # -- events from the stack
     def _drain_events(self) -> None:
@@ -406,7 +406,7 @@ class UserAgent:
         if call.dialog is not None:
             self.dialogs.pop(call.dialog.id, None)
         self.pending.pop(call.pending_key, None)
-        self._flush()
+        self.flush()
 
     def on_info(self, call: Call, request: Request) -> None:
         digit = parse_info(request.content_type, request.body)

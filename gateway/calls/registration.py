@@ -11,11 +11,11 @@ import ipaddress
 import logging
 import uuid
 
-from . import log
-from .config import TrunkConfig
-from .sip.auth import Credentials, DigestClient
-from .sip.message import Headers, NameAddr, Request, Response, SipUri
-from .sip.transaction import Target, new_tag
+from .. import log
+from ..config import TrunkConfig
+from ..sip.auth import Credentials, DigestClient
+from ..sip.message import Headers, NameAddr, Request, Response, SipUri
+from ..sip.transaction import Target, new_tag
 
 logger = logging.getLogger("gateway.register")
 

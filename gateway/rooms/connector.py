@@ -1,6 +1,6 @@
 """The bridge from a phone call to a video room: the gateway's WebRTC leg (aiortc).
 
-`RoomConnector` is the interface other room services implement; `EmbeddedRoomConnector` talks to the
+`apps.services.RoomConnector` is the interface room services implement; `EmbeddedRoomConnector` talks to the
 embedded room service (signalling over its WebSocket, media over WebRTC). The leg offers PCMU (then
 PCMA) only, so the room never needs Opus for a phone: the caller's G.711 is decoded once to 8 kHz PCM
 for the WebRTC sender, and the room's audio arrives as 8 kHz PCM that is encoded once for the caller.
@@ -16,55 +16,23 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
 
-from . import log
-from .config import Config
-from .media.tracks import PushTrack, pcm_frames
+from .. import log
+from ..adapters.tracks import PushTrack, pcm_frames
+from ..apps.services import RoomError
+from ..config import Config
 
 logger = logging.getLogger("gateway.bridge")
 RATE = 8000
 FRAME = 160
 FIFO_TARGET = 2
 FIFO_MAX = 6
-
-
-class RoomError(RuntimeError):
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code  # e.g. "room_locked"
-
-
-class RoomLeg(Protocol):
-    room_id: str
-    participant_id: str
-    state: dict[str, Any]
-
-    def push(self, samples: np.ndarray) -> None: ...
-
-    def pull(self) -> np.ndarray | None: ...
-
-    def stats(self) -> dict[str, int]: ...
-
-    async def command(self, message: dict[str, Any]) -> None: ...
-
-    async def leave(self) -> None: ...
-
-
-class RoomConnector(Protocol):
-    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None]) -> RoomLeg: ...
-
-
-def masked_number(number: str, keep: int) -> str:
-    digits = "".join(c for c in number if c.isdigit()) or number
-    if keep <= 0:
-        return "Phone"
-    return "Phone " + "•" * max(0, len(digits) - keep) + digits[-keep:]
 
 
 class EmbeddedLeg:
@@ -147,7 +115,7 @@ class EmbeddedRoomConnector:
         self.secret = secret
 
     async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None]) -> EmbeddedLeg:
-        from .roomservice.server import phone_token
+        from .service.server import phone_token
 
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         try:

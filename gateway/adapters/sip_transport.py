@@ -11,9 +11,9 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from . import log
-from .sip.framing import FramingError, StreamFramer
-from .sip.transaction import Outgoing, SipStack, Target
+from .. import log
+from ..sip.framing import FramingError, StreamFramer
+from ..sip.transaction import Outgoing, SipStack, Target
 
 logger = logging.getLogger("gateway.sip")
 

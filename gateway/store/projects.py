@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ProjectConfig
+from ..config import ProjectConfig
 from .rooms import open_store
 
 SCHEMA = """

@@ -23,20 +23,23 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from . import cdr, log
-from .apps.ivr import IvrServices, run_hosted
-from .call import Call
-from .config import TrunkConfig
-from .control import BRIDGEABLE, Order, Steering
+from .. import log
+from ..apps.routes import run_hosted
+from ..apps.services import IvrServices
+from ..calls.call import Call
+from ..calls.control import BRIDGEABLE, Order, Steering
+from ..calls.outbound import DialError, OutboundCall
+from ..cluster.registry import CallRegistry, RedisRegistry
+from ..config import TrunkConfig
+from ..rooms.directory import publish_room
+from ..store import cdr
+from ..store.projects import Project, ProjectStore, normalize_number
+from ..store.rooms import RoomStore
 from .openapi import OPENAPI
-from .outbound import DialError, OutboundCall
-from .projects import Project, ProjectStore, normalize_number
-from .registry import CallRegistry, RedisRegistry
-from .rooms import RoomStore, publish_room
 from .webhooks import Notifier, timestamp
 
 if TYPE_CHECKING:
-    from .ua import UserAgent
+    from ..calls.ua import UserAgent
 
 logger = logging.getLogger("gateway.api")
 MAX_TEXT = 128

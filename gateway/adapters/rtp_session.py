@@ -12,12 +12,12 @@ import logging
 import os
 from collections.abc import Callable
 
+from ..media import g711
+from ..media.jitter import JitterBuffer
+from ..media.rtp import RtpError, RtpPacket, is_rtcp
 from ..sip.sdp import MediaParams
-from . import g711
 from .clock import MediaClock
-from .jitter import JitterBuffer
 from .ports import PortAllocator
-from .rtp import RtpError, RtpPacket, is_rtcp
 
 logger = logging.getLogger("gateway.media")
 

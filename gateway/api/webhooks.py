@@ -27,9 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from . import log
-from .cdr import CdrStore
-from .config import WebhookConfig
+from .. import log
+from ..config import WebhookConfig
+from ..store.cdr import CdrStore
 
 logger = logging.getLogger("gateway.webhooks")
 SIGNATURE_HEADER = "X-Voice-Signature"

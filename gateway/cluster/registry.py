@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from . import log
+from .. import log
 
 logger = logging.getLogger("gateway.registry")
 HEARTBEAT_S = 2.0

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from . import log
-from .media import g711
-from .media.dtmf import DigitMerger, Rfc4733Receiver, ToneDetector
-from .media.rtp import RtpPacket
-from .media.session import FRAME, RtpSession
+from .. import log
+from ..adapters.rtp_session import FRAME, RtpSession
+from ..media import g711
+from ..media.dtmf import DigitMerger, Rfc4733Receiver, ToneDetector
+from ..media.rtp import RtpPacket
 
 logger = logging.getLogger("gateway.audio")
 

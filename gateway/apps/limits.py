@@ -9,19 +9,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict, deque
-from typing import Any, Protocol
+from typing import Any
 
 from redis.exceptions import RedisError
 
-from .rooms import DirectoryUnavailable
-
-
-class Limiter(Protocol):
-    async def check(self, caller: str, meeting_id: str) -> str | None:
-        """Which limit is reached ("caller" or "meeting"), or None while attempts are allowed."""
-        ...
-
-    async def failure(self, caller: str, meeting_id: str) -> None: ...
+from .services import DirectoryUnavailable
 
 
 class AttemptLimiter:

@@ -35,15 +35,16 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from . import cdr, log
-from .cdr import CdrStore
-from .config import Config
-from .projects import ProjectStore
+from .. import log
+from ..api.webhooks import encode, lost_call_event
+from ..config import Config
+from ..store import cdr
+from ..store.cdr import CdrStore
+from ..store.projects import ProjectStore
 from .registry import forget_worker, sweep_expired
-from .webhooks import encode, lost_call_event
 
 logger = logging.getLogger("gateway.supervisor")
-TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "kamailio" / "kamailio.cfg.tmpl"
+TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "kamailio" / "kamailio.cfg.tmpl"
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 RESTART_DELAY_S = 1.0
 HUNG_AFTER_S = 10.0  # a worker whose /healthz has not answered for this long is killed (then handled as lost)

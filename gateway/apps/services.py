@@ -1,0 +1,143 @@
+"""What the dial-in and in-room flows share: the services a worker hands them, the interfaces of the room side
+they call (implemented in `gateway.rooms`, which sits above the applications), and `Voice`, the call as a flow
+sees it (its audio, prompts in the project's voice, the API's steering).
+
+`Limiter`: PIN-guessing limits (implemented in `apps.limits`). `Directory`: `exists(meeting_id)` and `resolve(meeting_id, pin) -> (room_id, role)`; `RoomConnector.join`
+puts a call's leg into a room. Both raise their error (`DirectoryUnavailable`, `RoomError`) when they cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..calls.audio import CallAudio
+from ..calls.call import Call
+from ..calls.control import Steering
+from ..config import Config, DidConfig, ProjectConfig
+from ..store.projects import ProjectStore
+from ..store.rooms import RoomStore
+from .prompts import PromptError, PromptLibrary
+
+
+class DirectoryUnavailable(RuntimeError):
+    pass
+
+
+class Directory(Protocol):
+    async def exists(self, meeting_id: str) -> bool: ...
+
+    async def resolve(self, meeting_id: str, pin: str) -> tuple[str, str] | None:
+        """(room_id, role) with role "moderator" for the mpin, "participant" for the pin; None if wrong."""
+        ...
+
+
+class Limiter(Protocol):
+    async def check(self, caller: str, meeting_id: str) -> str | None:
+        """Which limit is reached ("caller" or "meeting"), or None while attempts are allowed."""
+        ...
+
+    async def failure(self, caller: str, meeting_id: str) -> None: ...
+
+
+class RoomError(RuntimeError):
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # e.g. "room_locked"
+
+
+class RoomLeg(Protocol):
+    room_id: str
+    participant_id: str
+    state: dict[str, Any]
+
+    def push(self, samples: np.ndarray) -> None: ...
+
+    def pull(self) -> np.ndarray | None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    async def command(self, message: dict[str, Any]) -> None: ...
+
+    async def leave(self) -> None: ...
+
+
+class RoomConnector(Protocol):
+    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None]) -> RoomLeg: ...
+
+
+def masked_number(number: str, keep: int) -> str:
+    digits = "".join(c for c in number if c.isdigit()) or number
+    if keep <= 0:
+        return "Phone"
+    return "Phone " + "•" * max(0, len(digits) - keep) + digits[-keep:]
+
+
+@dataclass
+class IvrServices:
+    config: Config
+    prompts: PromptLibrary
+    directory: Directory
+    limiter: Limiter
+    rooms: RoomStore | None = None
+    connector: RoomConnector | None = None
+    projects: ProjectStore | None = None
+
+
+class Voice:
+    """A call as the flows drive it: its audio (digits, prompts, hold), the project's voice, the API's steering."""
+
+    def __init__(self, call: Call, services: IvrServices, project: ProjectConfig, did: DidConfig | None = None) -> None:
+        self.call = call
+        self.s = services
+        self.did = did
+        self.project = project
+        self.steer: Steering = call.control if call.control is not None else Steering()
+        call.control = self.steer
+        assert call.media is not None
+        trunk = next(t for t in services.config.trunks if t.name == call.info["trunk"])
+        self.audio = CallAudio(call.media, trunk.dtmf, call.voice_id)
+        call.audio = self.audio
+        self.caller = str(call.info["caller"])
+
+    async def say(self, key: str, interruptible: bool = True, **values: Any) -> bool:
+        text = self.project.welcome_text if key == "welcome" and self.project.welcome_text else None
+        audio = await self.s.prompts.encoded(self.audio.codec, key, self.project.language, self.project.voice_type,
+                                             text, **values)
+        self.call._check_alive()
+        return await self.audio.play(audio, interruptible)
+
+    async def ask(self, key: str) -> str | None:
+        cfg = self.s.config.ivr
+        await self.say(key)
+        return await self.audio.collect(cfg.max_digits, "#", cfg.first_digit_timeout_ms / 1000,
+                                        cfg.inter_digit_timeout_ms / 1000)
+
+    async def goodbye(self, key: str, reason: str, **cdr: Any) -> None:
+        self.audio.clear_digits()
+        await self.say(key, interruptible=False)
+        self.call.hangup(reason, **cdr)
+
+
+def project_settings(services: IvrServices, name: str) -> ProjectConfig:
+    configured = next((p for p in services.config.projects if p.name == name), None)
+    if configured is not None:
+        return configured
+    stored = services.projects.by_name(name) if services.projects is not None else None
+    return stored.settings() if stored is not None else ProjectConfig(name=name)
+
+
+async def guarded(call: Call, flow: Awaitable[None]) -> None:
+    """Run a call's flow; missing prompts end the call with their reason; an order still waiting hears why."""
+    try:
+        await flow
+    except PromptError as exc:
+        call.record("prompts_unavailable", logging.ERROR, error=str(exc))
+        call.hangup("prompts_unavailable", error=str(exc))
+    finally:
+        if call.control is not None:
+            call.control.abandon(call.end_reason or "call ended")
