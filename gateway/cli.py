@@ -64,9 +64,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     rooms = None
     if config.room_service.embedded and not args.no_rooms:
+        from .cluster.janus import JanusSecrets
         from .rooms.service.server import service_secrets
 
         service_secrets(config)  # create the shared secrets before the room service reads them
+        JanusSecrets.load(config)
         cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(config.data_dir),
                "--port", str(config.room_service.port),
                "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
@@ -77,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # its own process (media mixing never shares our interpreter lock), ended with us even on SIGKILL
         rooms = subprocess.Popen(cmd, preexec_fn=die_with_parent)
     try:
-        asyncio.run(Worker(config, name=args.name).run_forever())
+        asyncio.run(Worker(config, name=args.name, manage_janus=not args.cluster_child).run_forever())
     finally:
         if rooms is not None:
             rooms.terminate()

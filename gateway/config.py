@@ -105,7 +105,6 @@ class RoomServiceConfig:
     api_user: str = "demo"
     api_key: str = ""  # empty: generated once into DATA_DIR/room-service.json
     secret: str = ""  # gateway <-> room service token secret; empty: generated into the same file
-    ice_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1"])  # WebRTC host candidates; [] = all
     mask_digits: int = 4  # a phone participant is shown as its caller number's last N digits
     voice_api_url: str = ""  # where the room page's "call a phone" goes; empty = this host's http.host:http.port
 
@@ -410,8 +409,6 @@ def _validate(c: Config) -> None:
     if any(len(k) != 1 or k not in "0123456789#" for k in keys) or len(set(keys)) != len(keys):
         raise ConfigError("menu: each action needs its own key, one of 0-9 or #")
     port(c.room_service.port, "room_service.port")
-    for i, addr in enumerate(c.room_service.ice_addresses):
-        _check_ip(addr, f"room_service.ice_addresses[{i}]")
     if not 0 <= c.room_service.mask_digits <= 15:
         raise ConfigError("room_service.mask_digits: 0 to 15")
     projects = {p.name for p in c.projects}

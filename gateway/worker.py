@@ -25,13 +25,14 @@ from .apps.services import Directory, IvrServices, Limiter
 from .calls.call import Call
 from .calls.registration import Registration
 from .calls.ua import App, UserAgent
+from .cluster.janus import JanusProcess, JanusSecrets, supervise_janus
 from .cluster.metrics import Metrics
 from .cluster.registry import CallRegistry, LocalRegistry, RedisRegistry
 from .config import Config, DidConfig
 from .http import make_app
-from .rooms.connector import EmbeddedRoomConnector
+from .rooms.connector import JanusRoomConnector
 from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory
-from .rooms.service.server import restrict_ice, service_secrets
+from .rooms.service.server import service_secrets
 from .store.cdr import CdrStore
 from .store.projects import ProjectStore
 from .store.rooms import RoomStore
@@ -40,7 +41,7 @@ logger = logging.getLogger("gateway.worker")
 
 
 class Worker:
-    def __init__(self, config: Config, name: str = "w1") -> None:
+    def __init__(self, config: Config, name: str = "w1", manage_janus: bool = False) -> None:
         self.config = config
         self.name = name
         self.cdr = CdrStore(config.data_dir, worker=name)
@@ -65,14 +66,17 @@ class Worker:
         ivr = config.ivr
         limits = (ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
         limiter: Limiter = RedisLimiter(shared, *limits) if shared is not None else AttemptLimiter(*limits)
-        connector = None
-        if config.room_service.embedded or config.room_service.url:
-            restrict_ice(config.room_service.ice_addresses)
-            connector = EmbeddedRoomConnector(config, service_secrets(config)["secret"])
-        services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, connector, self.projects)
+        services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, None, self.projects)
         dial_in = make_dial_in(services)
         apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in, "api": make_api_route(services)}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
+        self.connector: JanusRoomConnector | None = None
+        if config.room_service.embedded or config.room_service.url:  # phones into rooms: their media on Janus
+            self.connector = services.connector = JanusRoomConnector(
+                config, service_secrets(config)["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
+                self.ua.media_host)
+        # the Janus we start ourselves (one process; with --workers N the supervisor starts it)
+        self.janus = JanusProcess(config) if manage_janus and config.janus.is_managed else None
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
         self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
@@ -139,6 +143,8 @@ class Worker:
         stale = self.cdr.close_stale("gateway_restart", worker=self.name)
         if stale:
             log.event(logger, "cdr.closed_stale", logging.WARNING, count=len(stale))
+        if self.janus is not None:
+            self._tasks.append(await supervise_janus(self.janus))
         self.clock.start()
         self.notifier.start()
         await self.registry.start()
@@ -199,6 +205,10 @@ class Worker:
         self.ua.close()
         if tasks:  # let each call finish its hang-up path (leave its room, close its CDR)
             await asyncio.wait(tasks, timeout=5)
+        if self.connector is not None:
+            await self.connector.close()
+        if self.janus is not None:
+            await self.janus.stop()
         self.clock.stop()
         if self._runner:
             await self._runner.cleanup()

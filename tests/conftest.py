@@ -91,6 +91,12 @@ class Gateway:
         return self.log_path.read_text()
 
 
+def janus_env(rtp_low: int) -> dict[str, str]:
+    """The managed Janus of a test gateway on ports of its own (HTTP, WebSocket, 400 RTP ports from rtp_low)."""
+    return {"GATEWAY_JANUS_HTTP_PORT": str(free_port()), "GATEWAY_JANUS_WS_PORT": str(free_port()),
+            "GATEWAY_JANUS_RTP_PORT_MIN": str(rtp_low), "GATEWAY_JANUS_RTP_PORT_MAX": str(rtp_low + 400)}
+
+
 def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> Gateway:
     sip_port, http_port, rooms_port = free_port(), free_port(), free_port()
     rtp_low = random.randrange(30000, 58000, 2)
@@ -105,7 +111,7 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
     log_path = tmp / "gateway.log"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port),
-                                 "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **(env or {})})
+                                 "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **janus_env(rtp[1] + 2), **(env or {})})
     gw = Gateway(proc, sip_port, http_port, rtp, data, log_path, rooms_port)
 
     def healthy() -> bool:

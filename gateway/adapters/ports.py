@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class PortsExhausted(RuntimeError):
@@ -37,3 +39,18 @@ class PortAllocator:
     @property
     def in_use(self) -> int:
         return len(self._used)
+
+
+async def bind_datagram(ports: PortAllocator, host: str,
+                        factory: Callable[[], asyncio.DatagramProtocol]) -> tuple[asyncio.DatagramTransport, int]:
+    """A UDP socket on a port from the allocator; ports another process holds are skipped."""
+    loop = asyncio.get_running_loop()
+    for _ in range(min(ports.size, 50)):
+        port = ports.allocate()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(factory, local_addr=(host, port))
+        except OSError:
+            ports.release(port)
+            continue
+        return transport, port
+    raise OSError("could not bind an RTP port")

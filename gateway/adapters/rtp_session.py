@@ -17,7 +17,7 @@ from ..media.jitter import JitterBuffer
 from ..media.rtp import RtpError, RtpPacket, is_rtcp
 from ..sip.sdp import MediaParams
 from .clock import MediaClock
-from .ports import PortAllocator
+from .ports import PortAllocator, bind_datagram
 
 logger = logging.getLogger("gateway.media")
 
@@ -54,18 +54,9 @@ class RtpSession(asyncio.DatagramProtocol):
 
     async def open(self, host: str) -> int:
         """Bind a port from the allocator; ports another process holds are skipped."""
-        loop = asyncio.get_running_loop()
-        for _ in range(min(self.ports.size, 50)):
-            port = self.ports.allocate()
-            try:
-                self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
-            except OSError:
-                self.ports.release(port)
-                continue
-            self.port = port
-            self.clock.subscribe(id(self), self._tick)
-            return port
-        raise OSError("could not bind an RTP port")
+        self.transport, self.port = await bind_datagram(self.ports, host, lambda: self)
+        self.clock.subscribe(id(self), self._tick)
+        return self.port
 
     def close(self) -> None:
         if self.closed:

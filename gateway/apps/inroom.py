@@ -18,6 +18,11 @@ from ..calls.control import Order
 from ..config import MenuConfig
 from .services import RoomError, RoomLeg, Voice, masked_number
 
+# what the room says -> (the prompt the caller hears, the CDR reason of the hang-up)
+ENDINGS = {"removed": ("removed", "removed_from_room"), "room_closed": ("room_closed", "room_closed"),
+           "disconnected": ("service_unavailable", "room_disconnected"),
+           "media_server_lost": ("service_unavailable", "media_server_lost")}
+
 
 async def hosted(v: Voice, order: Order | None = None) -> None:
     """On hold until a room is named, then in it until the call ends or an order moves or removes it."""
@@ -38,7 +43,7 @@ async def hosted(v: Voice, order: Order | None = None) -> None:
             order.finish("not in a room")
             order = None
             continue
-        v.audio.hold()  # while the WebRTC leg connects
+        v.audio.hold()  # while the leg to the room connects
         if v.s.connector is None:
             order.finish("no room service configured")
             await call.ended.wait()
@@ -72,17 +77,28 @@ class InRoom:
         self.leg: RoomLeg | None = None
         self.moderator_here = asyncio.Event()
         self.ending: asyncio.Task[None] | None = None
+        self.muted = False  # as the room last said
+        self.muted_by_me: bool | None = None  # a *6 on its way to the room
 
     def on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "state" and event.get("moderator_present"):
-            self.moderator_here.set()
-        elif kind in ("removed", "room_closed", "disconnected") and self.ending is None and not self.call.ended.is_set():
+        if kind == "state":
+            if event.get("moderator_present"):
+                self.moderator_here.set()
+            self.note_mute(bool(self.me().get("muted", False)))
+        elif kind in ENDINGS and self.ending is None and not self.call.ended.is_set():
             if kind == "removed":
                 self.call.record("removed", room_id=self.room_id, by="moderator")
-            key, reason = {"removed": ("removed", "removed_from_room"), "room_closed": ("room_closed", "room_closed"),
-                           "disconnected": ("service_unavailable", "room_disconnected")}[kind]
+            key, reason = ENDINGS[kind]
             self.ending = asyncio.get_running_loop().create_task(self.v.goodbye(key, reason))
+
+    def note_mute(self, muted: bool) -> None:
+        """A change of this call's mute state that the caller did not ask for (a moderator's, from the page, the
+        API or another phone's keypad) is an event of the call."""
+        if muted != self.muted:
+            if self.muted_by_me is not muted:
+                self.call.record("muted" if muted else "unmuted", room_id=self.room_id, by="room")
+            self.muted, self.muted_by_me = muted, None
 
     def me(self) -> dict[str, Any]:
         state = self.leg.state if self.leg else {}
@@ -94,7 +110,8 @@ class InRoom:
         cfg = self.v.s.config
         name = masked_number(self.v.caller, cfg.room_service.mask_digits)
         try:
-            self.leg = await self.v.s.connector.join(self.room_id, self.role, name, self.on_event)  # type: ignore[union-attr]
+            self.leg = await self.v.s.connector.join(self.room_id, self.role, name, self.on_event,  # type: ignore[union-attr]
+                                                      codec=self.audio.codec)
         except RoomError as exc:
             if exc.code == "room_locked":
                 order.finish("room_locked")
@@ -102,8 +119,9 @@ class InRoom:
                 await self.v.goodbye("locked_out", "room_locked")
                 return None
             order.finish(f"room join failed: {exc}")
-            self.call.record("room_join_failed", logging.ERROR, room_id=self.room_id, error=str(exc))
-            await self.v.goodbye("service_unavailable", "room_join_failed", error=str(exc))
+            self.call.record("room_join_failed", logging.ERROR, room_id=self.room_id, error=str(exc), code=exc.code)
+            reason = "media_server_unavailable" if exc.code == "media_server_error" else "room_join_failed"
+            await self.v.goodbye("service_unavailable", reason, error=str(exc))
             return None
         steer = self.v.steer
         steer.phase = "in_room"
@@ -155,6 +173,7 @@ class InRoom:
             return
         if action == "mute_self":
             muted = not self.me().get("muted", False)
+            self.muted_by_me = muted
             await self.leg.command({"type": "mute", "participant_id": self.leg.participant_id, "muted": muted})
             self.call.record("muted" if muted else "unmuted", room_id=self.room_id)
             await self.v.say("muted" if muted else "unmuted")

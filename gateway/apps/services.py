@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from ..calls.audio import CallAudio
 from ..calls.call import Call
 from ..calls.control import Steering
@@ -55,9 +53,11 @@ class RoomLeg(Protocol):
     participant_id: str
     state: dict[str, Any]
 
-    def push(self, samples: np.ndarray) -> None: ...
+    def push(self, frame: bytes | None) -> None:
+        """The caller's payload of this 20 ms tick (None: nothing arrived), in the call's codec."""
 
-    def pull(self) -> np.ndarray | None: ...
+    def pull(self) -> bytes | None:
+        """One payload of the room's audio for the caller, or None (nothing to play yet)."""
 
     def stats(self) -> dict[str, int]: ...
 
@@ -67,7 +67,8 @@ class RoomLeg(Protocol):
 
 
 class RoomConnector(Protocol):
-    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None]) -> RoomLeg: ...
+    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
+                   codec: str = "PCMU") -> RoomLeg: ...
 
 
 def masked_number(number: str, keep: int) -> str:

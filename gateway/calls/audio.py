@@ -35,7 +35,6 @@ def hold_music(seconds: float = 4.0) -> np.ndarray:
 
 
 _HOLD = hold_music()
-_SILENT_PCM = np.zeros(FRAME, dtype=np.int16)
 
 
 class CallAudio:
@@ -56,7 +55,7 @@ class CallAudio:
         self._hold: bytes | None = None
         self._hold_pos = 0
         self.digit_count = {"rfc4733": 0, "info": 0, "inband": 0}
-        self.leg: Any = None  # the room leg once bridged (gateway.bridge.RoomLeg)
+        self.leg: Any = None  # the room leg once bridged (apps.services.RoomLeg)
         media.handler = self
         media.on_telephone_event = self.on_telephone_event
 
@@ -77,16 +76,13 @@ class CallAudio:
 
     # -- the frame handler (called by the media clock)
     def __call__(self, frame: bytes | None) -> bytes:
-        detecting = self.detector is not None and not self.merger.saw_rfc4733
-        # decode only when someone listens: the tone detector or the room
-        pcm = g711.decode(self.codec, frame) if frame is not None and (detecting or self.leg is not None) else None
-        if pcm is not None and detecting:
-            digit = self.detector.feed(pcm)  # type: ignore[union-attr]
+        if frame is not None and self.detector is not None and not self.merger.saw_rfc4733:
+            digit = self.detector.feed(g711.decode(self.codec, frame))  # decoded only for the tone detector
             if digit is not None:
                 self.digit(digit, "inband")
         room = None
-        if self.leg is not None:
-            self.leg.push(pcm if pcm is not None else _SILENT_PCM)  # a steady stream toward the room
+        if self.leg is not None:  # packets relayed as they are, both ways
+            self.leg.push(frame)
             room = self.leg.pull()
         if self._done is not None:
             chunk = self._audio[self._pos : self._pos + FRAME]
@@ -100,9 +96,7 @@ class CallAudio:
             chunk = self._hold[self._hold_pos : self._hold_pos + FRAME]
             self._hold_pos = (self._hold_pos + FRAME) % (len(self._hold) - len(self._hold) % FRAME)
             return chunk
-        if room is not None:
-            return g711.encode(self.codec, room)
-        return self.silence
+        return room if room is not None else self.silence
 
     def bridge(self, leg: Any) -> None:
         """From now on the caller hears the room (when no prompt or hold audio plays) and the room the caller."""

@@ -41,6 +41,7 @@ from ..config import Config
 from ..store import cdr
 from ..store.cdr import CdrStore
 from ..store.projects import ProjectStore
+from .janus import JanusProcess, JanusSecrets, supervise_janus
 from .registry import forget_worker, sweep_expired
 
 logger = logging.getLogger("gateway.supervisor")
@@ -119,6 +120,7 @@ class Supervisor:
         self._dirty = False
         self.last_max_alarm = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self.janus: JanusProcess | None = None  # the rooms' media server, when we run it
 
     # -- helpers: redis-server, the room service, kamailio
     def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None,
@@ -399,6 +401,10 @@ class Supervisor:
         self.cdr = CdrStore(self.data, worker="supervisor")
         try:
             await self._start_redis()
+            secrets = JanusSecrets.load(self.config)  # once, before the workers and the room service read them
+            if self.config.room_service.embedded and self.config.janus.is_managed:
+                self.janus = JanusProcess(self.config, secrets)
+                self._tasks.append(await supervise_janus(self.janus))
             for slot in self.slots[: self.base]:
                 await self._start_worker(slot)
             self._start_rooms()
@@ -420,6 +426,8 @@ class Supervisor:
             self.stopping = True
             for task in self._tasks:
                 task.cancel()
+            if self.janus is not None:
+                await self.janus.stop()
             await self._stop_workers_now()  # a failed start-up leaves none behind
             self._stop_helpers()
             if self.redis is not None:

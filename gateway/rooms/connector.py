@@ -1,159 +1,230 @@
-"""The bridge from a phone call to a video room: the gateway's WebRTC leg (aiortc).
+"""Where a phone joins a room: the leg from a call to the room's Janus AudioBridge, as a plain-RTP participant.
 
-`apps.services.RoomConnector` is the interface room services implement; `EmbeddedRoomConnector` talks to the
-embedded room service (signalling over its WebSocket, media over WebRTC). The leg offers PCMU (then
-PCMA) only, so the room never needs Opus for a phone: the caller's G.711 is decoded once to 8 kHz PCM
-for the WebRTC sender, and the room's audio arrives as 8 kHz PCM that is encoded once for the caller.
+Signalling goes to the room service (its WebSocket, authenticated with the phone token): `join` names the
+room's Janus server and AudioBridge room; the worker then attaches one AudioBridge handle for the call on
+that server and joins with `rtp: {ip, port, payload_type}` and the call's G.711 codec, and tells the room
+service the participant id Janus gave it (`rtp_joined`), so moderation (mute, kick) acts in Janus itself.
 
-Audio both ways is driven by the worker's 20 ms media clock: each tick hands the caller's frame to the
-leg and takes one frame of room audio from a small FIFO that absorbs jitter and clock drift (it holds
-2 frames, drops back to 2 when it passes 6, and plays silence on underrun).
+Media is relayed, never transcoded: each media-clock tick the caller's payload goes to Janus re-stamped with
+the leg's own SSRC, sequence and timestamps (`media.relay.Restamper`), and one payload of the room's mix is
+taken from a small reordering FIFO (`media.relay.FramePacer`) for the caller. The only decode is for the
+voice-activity detector (Janus sends no talking events for plain-RTP participants): its transitions go to the
+room service as `talking`. The leg's socket stays open for the whole leg and accepts packets from Janus's
+address and port only.
+
+One Janus session per server is shared by the worker's legs; when Janus loses it (the server died), every
+leg on it hears `media_server_lost` and the next join opens a new session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.rtcrtpsender import RTCRtpSender
 
 from .. import log
-from ..adapters.tracks import PushTrack, pcm_frames
+from ..adapters import janus_audiobridge as audiobridge
+from ..adapters.janus import JanusClient, JanusError, JanusHandle, JanusSession
+from ..adapters.ports import PortAllocator
+from ..adapters.rtp_socket import RtpSocket
 from ..apps.services import RoomError
 from ..config import Config
+from ..media import g711
+from ..media.relay import FramePacer, Restamper
+from ..media.vad import VoiceActivity
+from .service.server import phone_token
 
 logger = logging.getLogger("gateway.bridge")
-RATE = 8000
-FRAME = 160
-FIFO_TARGET = 2
-FIFO_MAX = 6
+PAYLOAD_TYPES = {"PCMU": 0, "PCMA": 8}
+JOIN_TIMEOUT_S = 10.0
 
 
-class EmbeddedLeg:
-    def __init__(self, room_id: str, pc: RTCPeerConnection, ws: aiohttp.ClientWebSocketResponse,
-                 session: aiohttp.ClientSession, on_event: Callable[[dict[str, Any]], None]) -> None:
+class JanusLeg:
+    def __init__(self, connector: JanusRoomConnector, room_id: str, codec: str,
+                 on_event: Callable[[dict[str, Any]], None]) -> None:
+        self.connector = connector
         self.room_id = room_id
-        self.participant_id = ""
-        self.state: dict[str, Any] = {}
-        self.pc = pc
-        self.ws = ws
-        self.session = session
+        self.codec = codec
         self.on_event = on_event
-        self.track = PushTrack(RATE)  # the caller's audio toward the room
-        self.fifo: deque[np.ndarray] = deque()
-        self._started = False
-        self.underruns = 0
-        self.dropped = 0
-        self.frames = 0
+        self.participant_id = ""
+        self.janus_id = ""
+        self.server = ""
+        self.state: dict[str, Any] = {}
+        self.http: aiohttp.ClientSession | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.handle: JanusHandle | None = None
+        self.pacer = FramePacer()
+        self.socket = RtpSocket(connector.ports, self.pacer.put)
+        self.stamper = Restamper(payload_type=PAYLOAD_TYPES[codec])
+        self.silence = bytes([g711.SILENCE[codec]]) * 160
+        self.vad = VoiceActivity()
+        self.loop = asyncio.get_running_loop()
         self.tasks: list[asyncio.Task[None]] = []
+        self.ended = False
 
-    # -- media (called from the media clock)
-    def push(self, samples: np.ndarray) -> None:
-        self.track.push(samples)
+    # -- media (called from the media clock, once per 20 ms)
+    def push(self, frame: bytes | None) -> None:
+        self.socket.send(self.stamper.stamp(frame if frame is not None else self.silence))
+        now = self.loop.time()
+        change = self.vad.feed(g711.decode(self.codec, frame), now) if frame is not None else self.vad.check(now)
+        if change is not None:
+            self.loop.create_task(self.command({"type": "talking", "talking": change == "talking"}))
 
-    def pull(self) -> np.ndarray | None:
-        if not self._started:
-            if len(self.fifo) < FIFO_TARGET:
-                return None
-            self._started = True
-        if not self.fifo:
-            self.underruns += 1
-            self._started = False
-            return None
-        if len(self.fifo) > FIFO_MAX:  # the room's clock runs ahead of ours: catch up
-            while len(self.fifo) > FIFO_TARGET:
-                self.fifo.popleft()
-                self.dropped += 1
-        self.frames += 1
-        return self.fifo.popleft()
+    def pull(self) -> bytes | None:
+        return self.pacer.pop()
 
-    async def _read_room_audio(self, track: MediaStreamTrack) -> None:
-        async for frame in pcm_frames(track, RATE, FRAME):
-            self.fifo.append(frame)
+    def stats(self) -> dict[str, int]:
+        p = self.pacer.stats
+        return {"rtp_to_room": self.socket.sent, "rtp_from_room": self.socket.received,
+                "rtp_dropped": self.socket.dropped, "room_frames": p.played, "underruns": p.underruns,
+                "room_lost": p.lost}
+
+    # -- signalling
+    async def command(self, message: dict[str, Any]) -> None:
+        if self.ws is not None and not self.ws.closed:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_json(message)
+
+    def end(self, event: dict[str, Any]) -> None:
+        """Tell the call once: the room ended the leg (removed, closed, lost)."""
+        if not self.ended:
+            self.ended = True
+            self.on_event(event)
 
     async def _read_signalling(self) -> None:
+        assert self.ws is not None
         async for msg in self.ws:
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
-            data = msg.json()
+            try:
+                data = msg.json()
+            except ValueError:
+                continue
+            if not isinstance(data, dict):
+                continue
             if data.get("type") == "state":
                 self.state = data
-            self.on_event(data)
-        self.on_event({"type": "disconnected"})
+            if data.get("type") == "error" and data.get("code") == "media_server_lost":
+                self.end({"type": "media_server_lost"})
+            elif data.get("type") in ("removed", "room_closed"):
+                self.end(data)
+            else:
+                self.on_event(data)
+        self.end({"type": "disconnected"})
 
-    def stats(self) -> dict[str, int]:
-        """Room-to-caller FIFO: frames played, underruns (silence) and frames dropped to catch up (drift)."""
-        return {"room_frames": self.frames, "underruns": self.underruns, "dropped": self.dropped}
-
-    async def command(self, message: dict[str, Any]) -> None:
-        if not self.ws.closed:
-            await self.ws.send_json(message)
+    async def open(self, role: str, name: str) -> None:
+        """Join through the room service, then the AudioBridge; RoomError (with the room's code) when refused."""
+        c = self.connector
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+        try:
+            self.ws = await self.http.ws_connect(f"{c.url}/rooms/{self.room_id}/ws", heartbeat=20)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RoomError(f"room service unreachable: {exc}") from exc
+        await self.ws.send_json({"type": "join", "kind": "phone", "role": role, "name": name, "media": "rtp",
+                                 "token": phone_token(c.secret, self.room_id, role)})
+        async with asyncio.timeout(JOIN_TIMEOUT_S):
+            while True:
+                msg = await self.ws.receive_json()
+                if msg.get("type") == "joined":
+                    break
+                if msg.get("type") == "error":
+                    raise RoomError(str(msg.get("message")), str(msg.get("code", "")))
+        self.participant_id = str(msg["participant_id"])
+        self.state = msg.get("state") or {}
+        janus = msg.get("janus") or {}
+        self.server, room = str(janus["url"]), str(janus["room"])
+        await self.socket.open(c.media_host)
+        session = await c.session(self.server)
+        self.handle = await session.attach(audiobridge.PLUGIN)
+        joined = await audiobridge.join_rtp(
+            self.handle, room, name, self.codec.lower(),
+            audiobridge.RtpEndpoint(c.media_host, self.socket.port, PAYLOAD_TYPES[self.codec]),
+            timeout=JOIN_TIMEOUT_S)
+        self.janus_id = joined.id
+        self.socket.peer = (joined.janus.ip, joined.janus.port)
+        await self.ws.send_json({"type": "rtp_joined", "janus_id": self.janus_id})
+        self.tasks.append(self.loop.create_task(self._read_signalling()))
 
     async def leave(self) -> None:
+        self.ended = True
         for task in self.tasks:
             task.cancel()
-        try:
-            if not self.ws.closed:
-                await self.ws.send_json({"type": "leave"})
+        await self.command({"type": "leave"})
+        if self.handle is not None:
+            with contextlib.suppress(JanusError, ValueError):
+                await audiobridge.leave(self.handle)
+            with contextlib.suppress(JanusError):
+                await self.handle.detach()
+        self.socket.close()
+        if self.ws is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
                 await self.ws.close()
-        except (ConnectionError, RuntimeError):
-            pass
-        await self.pc.close()
-        await self.session.close()
+        if self.http is not None:
+            await self.http.close()
+        self.connector.legs.discard(self)
 
 
-class EmbeddedRoomConnector:
-    def __init__(self, config: Config, secret: str) -> None:
+class JanusRoomConnector:
+    """Phones into rooms whose media is on Janus (implements `apps.services.RoomConnector`)."""
+
+    def __init__(self, config: Config, secret: str, api_secret: str, ports: PortAllocator, media_host: str) -> None:
         rs = config.room_service
         self.url = rs.url or f"http://{rs.host}:{rs.port}"
         self.secret = secret
+        self.api_secret = api_secret
+        self.ports = ports
+        self.media_host = media_host
+        self.legs: set[JanusLeg] = set()
+        self._sessions: dict[str, asyncio.Task[JanusSession]] = {}
+        self._clients: dict[str, JanusClient] = {}
 
-    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None]) -> EmbeddedLeg:
-        from .service.server import phone_token
+    async def session(self, url: str) -> JanusSession:
+        """The worker's session on that Janus server, created on first use and after a loss."""
+        task = self._sessions.get(url)
+        if task is None or (task.done() and (task.exception() is not None or task.result().lost.is_set())):
+            client = self._clients.get(url)
+            if client is None:
+                client = self._clients[url] = JanusClient(url, self.api_secret)
+            task = self._sessions[url] = asyncio.get_running_loop().create_task(
+                client.create_session(on_lost=lambda reason: self._lost(url, reason)))
+        return await asyncio.shield(task)
 
-        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+    def _lost(self, url: str, reason: str) -> None:
+        log.event(logger, "janus.session_lost", logging.ERROR, server=url, reason=reason,
+                  legs=sum(1 for leg in self.legs if leg.server == url))
+        self._sessions.pop(url, None)
+        for leg in list(self.legs):
+            if leg.server == url:
+                leg.end({"type": "media_server_lost"})
+
+    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
+                   codec: str = "PCMU") -> JanusLeg:
+        leg = JanusLeg(self, room_id, codec, on_event)
+        self.legs.add(leg)
         try:
-            ws = await session.ws_connect(f"{self.url}/rooms/{room_id}/ws", heartbeat=20)
-        except (aiohttp.ClientError, OSError) as exc:
-            await session.close()
-            raise RoomError(f"room service unreachable: {exc}") from exc
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        leg = EmbeddedLeg(room_id, pc, ws, session, on_event)
-        transceiver = pc.addTransceiver(leg.track, direction="sendrecv")
-        codecs = RTCRtpSender.getCapabilities("audio").codecs
-        transceiver.setCodecPreferences([c for c in codecs if c.mimeType in ("audio/PCMU", "audio/PCMA")])
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                leg.tasks.append(asyncio.get_running_loop().create_task(leg._read_room_audio(track)))
-
-        try:
-            await pc.setLocalDescription(await pc.createOffer())
-            await ws.send_json({"type": "join", "kind": "phone", "role": role, "name": name,
-                                "token": phone_token(self.secret, room_id, role), "sdp": pc.localDescription.sdp})
-            async with asyncio.timeout(10):
-                while True:
-                    msg = await ws.receive_json()
-                    if msg.get("type") == "joined":
-                        break
-                    if msg.get("type") == "error":
-                        raise RoomError(str(msg.get("message")), str(msg.get("code", "")))
-                    if msg.get("type") == "state":
-                        leg.state = msg
-            leg.participant_id = msg["participant_id"]
-            leg.state = msg.get("state") or leg.state
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=msg["sdp"], type="answer"))
-        except (RoomError, TimeoutError, aiohttp.ClientError, ValueError, TypeError) as exc:
-            await pc.close()
-            await session.close()
-            raise RoomError(f"could not join room {room_id}: {exc}", getattr(exc, "code", "")) from exc
-        leg.tasks.append(asyncio.get_running_loop().create_task(leg._read_signalling()))
-        log.event(logger, "bridge.joined", room_id=room_id, participant_id=leg.participant_id, role=role)
+            await leg.open(role, name)
+        except RoomError:
+            await leg.leave()
+            raise
+        except (JanusError, TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError) as exc:
+            await leg.leave()
+            code = "media_server_error" if isinstance(exc, JanusError | OSError) else ""
+            raise RoomError(f"could not join room {room_id}: {exc}", code) from exc
+        log.event(logger, "bridge.joined", room_id=room_id, participant_id=leg.participant_id, role=role,
+                  janus_id=leg.janus_id, rtp_port=leg.socket.port)
         return leg
+
+    async def close(self) -> None:
+        for leg in list(self.legs):
+            await leg.leave()
+        for task in self._sessions.values():
+            if task.done() and task.exception() is None:
+                await task.result().destroy()
+            else:
+                task.cancel()
+        for client in self._clients.values():
+            await client.close()

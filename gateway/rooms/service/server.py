@@ -1,6 +1,8 @@
-"""The embedded room service: an EnableX-style Video API subset, WebRTC signalling over a WebSocket, the
-room page, and moderation. It runs in its own process (`gateway rooms serve`; `gateway run` starts it
-beside the worker), so its media work never shares the gateway's interpreter lock.
+"""The embedded room service: an EnableX-style Video API subset, the room page, its signalling and moderation.
+It is the control plane of the rooms: the media runs on Janus (AudioBridge mixes everyone's audio, phones
+included as plain-RTP participants; VideoRoom relays every camera to every browser), see `live.py`,
+`janus_rooms.py` and `signalling.py`. It runs in its own process (`gateway rooms serve`; `gateway run` starts
+it beside the worker).
 
 REST (HTTP Basic: a project's app_id:app_key, which sees its own rooms only, or the service's
 api_user:api_key, which sees every room and creates rooms in `project` (default: the first configured)):
@@ -10,9 +12,21 @@ api_user:api_key, which sees every room and creates rooms in `project` (default:
     DELETE /video/v1/rooms/{room_id}
 Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
     GET    /rooms/{room_id}          the web page
-    GET    /rooms/{room_id}/ws       JSON messages: join (with an SDP offer), mute, mute_all, lock, remove, leave
+    GET    /rooms/{room_id}/ws       JSON messages, below
     POST   /rooms/{room_id}/dial     {to, host}: a moderator calls a phone into the room (the Voice API, with the
                                      room's project's credentials and its first number with out=true)
+
+WebSocket messages (JSON objects, `type` first):
+  from a browser  join {kind: "browser", name}; offer {pc: "audio"|"video", sdp}; answer {pc: "sub", sdp}
+  from a phone    join {kind: "phone", name, token, role, media: "rtp"}; rtp_joined {janus_id}; talking {talking}
+  from either     mute {participant_id?, muted}; mute_all {muted}; lock {locked}; remove {participant_id}; leave
+  to a browser    joined {participant_id, role, state, ice_servers}; answer {pc, sdp};
+                  offer {pc: "sub", sdp, streams: [{mid, feed, kind, active}]}
+  to a phone      joined {participant_id, role, state, janus: {url, room}} (the worker joins the AudioBridge
+                  there with the Janus API secret, then says rtp_joined)
+  to everyone     state {participants: [{id, name, kind, role, muted, talking}], locked, moderator_present,
+                  wait_for_moderator}; removed; room_closed; error {code, message} (room_locked, not_allowed,
+                  media_server_error, media_server_lost: the socket is closed after it)
 """
 
 from __future__ import annotations
@@ -28,27 +42,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import aioice.ice
 from aiohttp import WSMsgType, web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from ... import log
+from ...cluster.janus import JanusSecrets
 from ...config import Config
 from ...store.projects import ProjectStore
 from ...store.rooms import RoomStore
 from ..directory import publish_room, unpublish_room
-from .mixer import IdleVideo, Participant, Room, RoomClock
+from .janus_rooms import JanusPool, janus_urls
+from .live import MAX_NAME, LiveRooms
 
 logger = logging.getLogger("gateway.rooms")
 PAGE = Path(__file__).parent / "static" / "room.html"
-MAX_NAME = 64
 DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
-
-
-def restrict_ice(addresses: list[str]) -> None:
-    """Gather ICE host candidates only on these addresses (aioice otherwise skips loopback)."""
-    if addresses:
-        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)  # type: ignore[assignment]
 
 
 def service_secrets(config: Config) -> dict[str, str]:
@@ -101,7 +108,6 @@ class RoomService:
             self.projects.ensure(project)
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
-        self.rooms: dict[str, Room] = {}
         self._dials: dict[str, list[float]] = {}
         # several workers: rooms go into the shared directory in Redis as they are made and deleted
         self.redis: Any = None
@@ -110,11 +116,13 @@ class RoomService:
 
             self.redis = aioredis.from_url(config.cluster.redis_url, decode_responses=True, socket_timeout=2)
         self.voice_api_url = config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"
-        self.clock = RoomClock(self.rooms)
-        restrict_ice(config.room_service.ice_addresses)
+        self.pool = JanusPool(janus_urls(config), lambda: JanusSecrets.load(config), config.janus.prebuffer,
+                              on_lost=lambda server: self.live.server_lost(server))
+        self.live = LiveRooms(config, self.pool, lambda room_id, role: phone_token(self.secret, room_id, role),
+                              lambda room_id: host_token(self.secret, room_id), self.redis)
 
     def room_json(self, room: dict[str, Any]) -> dict[str, Any]:
-        live = self.rooms.get(room["room_id"])
+        live = self.live.rooms.get(room["room_id"])
         out = dict(room)
         out["links"] = room_links(self.config, self.secret, room["room_id"])
         out["participants"] = len(live.participants) if live else 0
@@ -198,7 +206,7 @@ class RoomService:
         room_id = request.match_info["room_id"]
         if await self._visible(request) is None:
             return error(404, "room_not_found", "no room with this room_id")
-        live = self.rooms.get(room_id)
+        live = self.live.rooms.get(room_id)
         return web.json_response({"room_id": room_id, "participants": [p.public() for p in live.participants.values()] if live else []})
 
     async def delete_room(self, request: web.Request) -> web.Response:
@@ -207,11 +215,7 @@ class RoomService:
         if room is None or not await asyncio.to_thread(self.store.delete, room_id):
             return error(404, "room_not_found", "no room with this room_id")
         await self._publish(unpublish_room, room)
-        live = self.rooms.pop(room_id, None)
-        if live is not None:
-            await live.broadcast({"type": "room_closed"})
-            for p in list(live.participants.values()):
-                await self._close(live, p)
+        await self.live.delete(room_id)
         log.event(logger, "room.deleted", room_id=room_id)
         return web.json_response({"room_id": room_id, "state": "deleted"})
 
@@ -264,10 +268,7 @@ class RoomService:
             return error(404, "room_not_found", "no room with this room_id")
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=256 * 1024)
         await ws.prepare(request)
-        room = self.rooms.get(room_id)
-        if room is None:
-            room = self.rooms[room_id] = Room(room_id, record.get("settings", {}))
-        me: Participant | None = None
+        joined = None
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -277,108 +278,30 @@ class RoomService:
                     if not isinstance(data, dict):
                         raise ValueError
                 except ValueError:
-                    await ws.send_json({"type": "error", "message": "messages are JSON objects"})
+                    await ws.send_json({"type": "error", "code": "invalid_message", "message": "messages are JSON objects"})
                     continue
-                if data.get("type") == "join" and me is None:
-                    me = await self._join(room, ws, data, request.query.get("host", ""))
-                elif me is not None:
-                    await self._command(room, me, data)
+                if joined is not None:
+                    room, me = joined
+                    if me.closing:
+                        break
+                    await self.live.command(room, me, data)
                     if data.get("type") == "leave":
                         break
+                elif data.get("type") == "join":
+                    joined = await self.live.join(room_id, record.get("settings", {}), ws, data,
+                                                  request.query.get("host", ""))
+                else:
+                    await ws.send_json({"type": "error", "code": "not_joined", "message": "join first"})
         finally:
-            if me is not None:
-                await self._close(room, me)
-            if not room.participants and self.rooms.get(room_id) is room:
-                del self.rooms[room_id]
+            if joined is not None:
+                await self.live.leave(*joined)
         return ws
-
-    async def _join(self, room: Room, ws: web.WebSocketResponse, data: dict[str, Any], host: str) -> Participant | None:
-        kind = data.get("kind", "browser")
-        role = "participant"
-        name = str(data.get("name") or "Guest")[:MAX_NAME]
-        token = str(data.get("token", ""))
-        if kind == "phone":
-            wanted = data.get("role", "participant")
-            if wanted not in ("participant", "moderator") or not hmac.compare_digest(token, phone_token(self.secret, room.id, wanted)):
-                await ws.send_json({"type": "error", "message": "phone participants need the gateway's token"})
-                return None
-            role = wanted
-        elif host and hmac.compare_digest(host, host_token(self.secret, room.id)):
-            role = "moderator"
-        if room.locked and role != "moderator":
-            await ws.send_json({"type": "error", "code": "room_locked", "message": "the room is locked"})
-            return None
-        sdp = data.get("sdp")
-        if not isinstance(sdp, str):
-            await ws.send_json({"type": "error", "message": "join needs an SDP offer"})
-            return None
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        me = room.new_participant(name, kind if kind in ("browser", "phone") else "browser", role, pc, ws)
-
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            room.attach_inbound(me, track)
-
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        for transceiver in pc.getTransceivers():
-            if transceiver.kind == "video":
-                transceiver.direction = "sendrecv"  # answer sendrecv now; the source is swapped in later
-                transceiver.sender.replaceTrack(IdleVideo())
-                me.video_sender = transceiver.sender
-        await pc.setLocalDescription(await pc.createAnswer())
-        room.participants[me.id] = me
-        room.route_video()
-        await ws.send_json({"type": "joined", "participant_id": me.id, "role": role,
-                            "sdp": pc.localDescription.sdp, "state": room.state()})
-        log.event(logger, "participant.joined", room_id=room.id, participant_id=me.id, kind=me.kind, role=role)
-        await room.broadcast(room.state())
-        return me
-
-    async def _command(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
-        kind = data.get("type")
-        moderator = me.role == "moderator"
-        target = room.participants.get(str(data.get("participant_id", me.id)))
-        if kind == "mute" and target is not None and (target is me or moderator):
-            target.muted = bool(data.get("muted", not target.muted))
-        elif kind == "mute_all" and moderator:
-            for p in room.participants.values():
-                if p is not me:
-                    p.muted = bool(data.get("muted", True))
-        elif kind == "lock" and moderator:
-            room.locked = bool(data.get("locked", not room.locked))
-        elif kind == "remove" and moderator and target is not None and target is not me:
-            try:
-                await target.ws.send_json({"type": "removed"})
-            except (ConnectionError, RuntimeError):
-                pass
-            await self._close(room, target)
-        elif kind in ("mute", "mute_all", "lock", "remove"):
-            await me.ws.send_json({"type": "error", "code": "not_allowed", "message": f"{kind}: not allowed"})
-            return
-        elif kind != "leave":
-            await me.ws.send_json({"type": "error", "message": f"unknown message type {kind!r}"})
-            return
-        log.event(logger, f"room.{kind}", room_id=room.id, participant_id=me.id)
-        await room.broadcast(room.state())
-
-    async def _close(self, room: Room, p: Participant) -> None:
-        if room.participants.pop(p.id, None) is None:
-            return
-        for task in p.tasks:
-            task.cancel()
-        await p.pc.close()
-        try:
-            await p.ws.close()
-        except (ConnectionError, RuntimeError):
-            pass
-        room.route_video()
-        log.event(logger, "participant.left", room_id=room.id, participant_id=p.id)
-        await room.broadcast(room.state())
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.auth], client_max_size=64 * 1024)
         async def healthz(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok", "rooms": len(self.rooms)})
+            servers = [{"url": s.url, "connected": s.alive, "rooms": len(s.rooms)} for s in self.pool.servers]
+            return web.json_response({"status": "ok", "rooms": len(self.live.rooms), "janus": servers})
 
         app.router.add_get("/healthz", healthz)
         app.router.add_post("/video/v1/rooms", self.create_room)
@@ -388,12 +311,16 @@ class RoomService:
         app.router.add_get("/rooms/{room_id}", self.page)
         app.router.add_get("/rooms/{room_id}/ws", self.websocket)
         app.router.add_post("/rooms/{room_id}/dial", self.dial)
-
-        async def on_startup(app: web.Application) -> None:
-            self.clock.start()
-
-        app.on_startup.append(on_startup)
         return app
+
+    async def close(self) -> None:
+        """After the HTTP server stopped: everyone out, Janus rooms destroyed, stores closed."""
+        await self.live.close()
+        await self.pool.close()
+        self.store.close()
+        self.projects.close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def serve(config: Config) -> None:
@@ -412,14 +339,9 @@ def serve(config: Config) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        for room in list(service.rooms.values()):
-            for p in list(room.participants.values()):
-                await service._close(room, p)
+        await service.live.close()  # participants told first (their sockets closed), then the server stops
         await runner.cleanup()
-        service.store.close()
-        service.projects.close()
-        if service.redis is not None:
-            await service.redis.aclose()
+        await service.close()
         log.event(logger, "rooms.stopped")
 
     asyncio.run(main())
