@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 DEB_PACKAGES := sip-tester baresip-core espeak-ng libespeak-ng1 sox tshark chromium chromium-driver kamailio redis-server janus libjs-janus-gateway
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test perf lint clean debs
+.PHONY: install run test perf fuzz lint clean debs
 
 install: debs $(STAMP)
 
@@ -32,6 +32,16 @@ run: install
 test: install
 	$(VENV)/bin/ruff check gateway tests
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+FUZZ_RUNS ?= 1000000
+# every fuzz target for FUZZ_RUNS inputs (make test runs 3000 each); a corpus per target under .fuzz/
+fuzz: install
+	@set -o pipefail; for t in $$($(PY) -c "from tests.fuzz.targets import TARGETS; print(' '.join(TARGETS))"); do \
+	  mkdir -p .fuzz/$$t && cp -n tests/fuzz/seeds/*/* ../shared/rfc4475/*.dat .fuzz/$$t/ 2>/dev/null; \
+	  echo "fuzz $$t: $(FUZZ_RUNS) inputs"; \
+	  $(PY) tests/fuzz/run.py $$t -runs=$(FUZZ_RUNS) -max_len=4096 -timeout=10 -print_final_stats=1 \
+	    -artifact_prefix=.fuzz/$$t- .fuzz/$$t 2>&1 | grep -E "^(stat::|==|SUMMARY|Done)" || exit 1; \
+	done
 
 perf: install
 	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/perf

@@ -600,7 +600,8 @@ def _validate(msg: Request | Response) -> None:
             raise SipParseError(f"more than one {canonical_name(name)} header", partial)
     try:
         number, method = msg.cseq
-        msg.vias  # noqa: B018 - parse to validate
+        if not msg.vias:  # "Via:" with no value: nowhere to answer
+            raise SipParseError("empty Via header", partial)
         msg.from_  # noqa: B018
         msg.to  # noqa: B018
         for contact in h.get_all("contact"):

@@ -464,8 +464,13 @@ class SipStack:
     def _reject(self, exc: SipParseError, source: Target) -> None:
         partial = exc.partial
         status: int | None = None
-        if isinstance(partial, Request) and partial.method != "ACK" and partial.headers.get_all("via"):
-            response = make_response(partial, exc.status, _reason(exc))
+        try:
+            answerable = isinstance(partial, Request) and partial.method != "ACK" and bool(partial.headers.get_all("via"))
+            response = make_response(partial, exc.status, _reason(exc)) if answerable else None  # type: ignore[arg-type]
+        except SipParseError:  # the headers a response copies are unreadable too: drop it (RFC 3261 18.3)
+            response = None
+        if response is not None:
+            assert isinstance(partial, Request)
             if exc.status == 501:
                 response.headers.add("Allow", ALLOW)
             try:
