@@ -88,7 +88,7 @@ class _Tts:
         return base + VARIANTS.get(voice_type, "")
 
     def render(self, text: str, language: str, voice_type: str, out: Path) -> None:
-        raw = out.with_suffix(".raw.wav")
+        raw = out.with_name(f"{out.stem}.{os.getpid()}.raw.wav")  # workers sharing the cache never share a raw file
         out.parent.mkdir(parents=True, exist_ok=True)
         self.done.clear()
         self.engine.setProperty("voice", self.voice_id(language, voice_type))
