@@ -172,7 +172,7 @@ TEST_DIDS = """
 number = "15550100002"
 route = "echo"
 project = "demo"
-answer_after_ms = 1500
+answer_after_ms = 2500  # midway between sipp's INVITE retransmissions (0.5, 1.5, 3.5 s), never racing one
 """
 
 
