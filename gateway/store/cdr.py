@@ -7,12 +7,15 @@ connection (the CLI and the API read while the worker writes).
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("gateway.cdr")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -133,27 +136,34 @@ class CdrStore:
                     kind, args = entry
                     if kind == "sync":
                         waiters.append(args[0])
-                    elif kind == "open":
-                        self._write_open(db, *args)
-                    elif kind == "outbox":
-                        db.execute("INSERT INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
-                                   " VALUES (?,?,?,?,?,?,?)", args)
-                    elif kind == "outbox_state":
-                        db.execute("UPDATE outbox SET status=?, attempts=?, last_error=? WHERE event_id=?", args)
-                    else:
-                        self._write_event(db, *args)
+                        continue
+                    try:
+                        self._write(db, kind, args)
+                    except (sqlite3.Error, ValueError, TypeError) as exc:  # one bad row must not stop the writer
+                        logger.error("cdr.write_failed", extra={"fields": {"kind": kind, "error": repr(exc)[:200]}})
             for w in waiters:
                 w.set()
             if None in batch:
                 db.close()
                 return
 
+    def _write(self, db: sqlite3.Connection, kind: str, args: Any) -> None:
+        if kind == "open":
+            self._write_open(db, *args)
+        elif kind == "outbox":
+            db.execute("INSERT INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
+                       " VALUES (?,?,?,?,?,?,?)", args)
+        elif kind == "outbox_state":
+            db.execute("UPDATE outbox SET status=?, attempts=?, last_error=? WHERE event_id=?", args)
+        else:
+            self._write_event(db, *args)
+
     def _write_open(self, db: sqlite3.Connection, voice_id: str, direction: str, f: dict[str, Any], now: float) -> None:
         db.execute(
             "INSERT OR IGNORE INTO calls (voice_id, direction, from_number, to_number, did, trunk, project, worker,"
             " state, started_at, room_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (voice_id, direction, f.get("from"), f.get("to"), f.get("did"), f.get("trunk"), f.get("project"),
-             self.worker, "initiated", now, f.get("room_id")),
+            (voice_id, direction, _text(f.get("from")), _text(f.get("to")), _text(f.get("did")), _text(f.get("trunk")),
+             _text(f.get("project")), self.worker, "initiated", now, _text(f.get("room_id"))),
         )
 
     def _write_event(self, db: sqlite3.Connection, voice_id: str, state: str, ts: float, data: dict[str, Any]) -> None:
@@ -166,11 +176,18 @@ class CdrStore:
         elif state == FINAL:
             db.execute(
                 "UPDATE calls SET state=?, ended_at=?, sip_code=?, reason=? WHERE voice_id=? AND state != ?",
-                (state, ts, data.get("code"), data.get("reason"), voice_id, FINAL),
+                (state, ts, data.get("code"), _text(data.get("reason")), voice_id, FINAL),
             )
         elif state != "initiated":
             db.execute("UPDATE calls SET state=?, room_id=COALESCE(?, room_id) WHERE voice_id=? AND state != ?",
-                       (state, data.get("room_id"), voice_id, FINAL))
+                       (state, _text(data.get("room_id")), voice_id, FINAL))
+
+
+def _text(value: Any) -> Any:
+    """A string SQLite can store: what the network sent is kept, undecodable bytes (surrogates) as escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 # -- reading (CLI, API)
