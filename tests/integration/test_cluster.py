@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from gateway.media import g711
-from tests.conftest import ROOT, free_port, make_test_config, run_sipp, scenario, stop_process, wait_until
+from tests.conftest import ROOT, free_port, janus_env, make_test_config, run_sipp, scenario, stop_process, wait_until
 from tests.integration.ivr_tools import ivr_scenario, rfc4733
 from tests.integration.voice_tools import HookServer, VoiceClient, cli
 
@@ -99,7 +99,7 @@ def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None
             "--http-port", str(http), "--rtp-ports", f"{rtp_low}-{rtp_low + 1999}", "--data-dir", str(data)]
     environ = {**os.environ, "GATEWAY_CLUSTER_WORKER_SIP_PORT": str(wsip), "GATEWAY_CLUSTER_REDIS_PORT": str(free_port()),
                "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port), "GATEWAY_CLUSTER_MAX_WORKERS": str(workers),
-               "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "30", **(env or {})}
+               "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "30", **janus_env(random.randrange(59000, 64000, 2)), **(env or {})}
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=environ)
     cluster = Cluster(proc, sip, http, data, log_path, tmp, rooms_port, hooks)
 
