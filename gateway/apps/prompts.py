@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import threading
+import time
 import tomllib
 import wave
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,7 @@ def read_wav(path: Path) -> np.ndarray:
 
 def write_wav(path: Path, samples: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # writers never share it
     with wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -95,10 +96,24 @@ class _Tts:
         with contextlib.redirect_stdout(io.StringIO()):  # the driver prints "Audio saved to ..."
             self.engine.save_to_file(text, str(raw))
             self.engine.runAndWait()
-        if not self.done.wait(30) or not raw.exists():  # runAndWait can return before the file exists
-            raise PromptError(f"espeak-ng produced no audio for {text[:40]!r}")
-        write_wav(out, read_wav(raw))
-        raw.unlink()
+        try:
+            if not self.done.wait(30) or not _settled(raw, 10.0):  # runAndWait can return before the file is written
+                raise PromptError(f"espeak-ng produced no audio for {text[:40]!r}")
+            write_wav(out, read_wav(raw))
+        finally:
+            raw.unlink(missing_ok=True)
+
+
+def _settled(path: Path, timeout: float) -> bool:
+    """The synthesiser's file exists and has stopped growing (polled from the TTS thread, never the event loop)."""
+    deadline, last = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        size = path.stat().st_size if path.exists() else -1
+        if size > 44 and size == last:
+            return True
+        last = size
+        time.sleep(0.05)
+    return False
 
 
 def prompt_sets(projects: list[Any]) -> list[tuple[str, str, str]]:
