@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/gateway run
 
+TEST_JOBS ?= 2
+# two passes: the suite in TEST_JOBS processes (a test file stays in one; each process hands out ports of its own),
+# then the tests marked serial, one at a time (browsers, timing, CPU and memory measurements, deliberate load)
 test: install
 	$(VENV)/bin/ruff check gateway tests
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile -m "not serial" --durations=10
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m serial --durations=5
 
 FUZZ_RUNS ?= 1000000
 # every fuzz target for FUZZ_RUNS inputs (make test runs 3000 each); a corpus per target under .fuzz/

@@ -74,10 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
         if args.config is not None or DEFAULT_CONFIG.exists():
             cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
-        from .cluster.supervisor import die_with_parent
+        from .cluster.supervisor import KeptProcess
 
         # its own process (media mixing never shares our interpreter lock), ended with us even on SIGKILL
-        rooms = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        rooms = KeptProcess("rooms", cmd)  # started again if it dies (a Popen's interface)
     try:
         asyncio.run(Worker(config, name=args.name, manage_janus=not args.cluster_child).run_forever())
     finally:
@@ -162,8 +162,14 @@ def cmd_rooms_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def webhook_target_refusal(url: str, config: Config) -> str | None:
+    from .api.webhooks import allowed_networks, check_target_blocking
+
+    return check_target_blocking(url, allowed_networks(config.webhooks))
+
+
 def cmd_projects_create(args: argparse.Namespace) -> int:
-    from .store.projects import Number, ProjectStore, normalize_number
+    from .store.projects import Number, ProjectStore, check_notification_url, normalize_number
 
     config = _config(args)
     numbers = []
@@ -173,8 +179,12 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise ConfigError(f"--number {raw!r}: {exc}") from None
         numbers.append(Number(raw, inbound=not args.outbound_only, outbound=not args.inbound_only))
-    if args.notification_url and not args.notification_url.startswith(("http://", "https://")):
-        raise ConfigError("--notification-url: an http(s):// URL")
+    try:
+        check_notification_url(args.notification_url or "")
+    except ValueError as exc:
+        raise ConfigError(f"--notification-url: {str(exc).partition(': ')[2]}") from None
+    if args.notification_url and (unsafe := webhook_target_refusal(args.notification_url, config)) is not None:
+        raise ConfigError(f"--notification-url: {unsafe}")  # SSRF, as the API checks an event_url
     if not (Path(config.ivr.prompts_dir) / f"{args.language}.toml").exists():
         raise ConfigError(f"--language: no prompts/{args.language}.toml")
     if args.trunk and not any(t.name == args.trunk and t.outbound for t in config.trunks):
@@ -189,8 +199,15 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
-    print(json.dumps(project.public(with_key=True), indent=2))
+    _print_credentials(project.public(with_key=True))
     return 0
+
+
+def _print_credentials(project: dict[str, object]) -> None:
+    print(json.dumps(project, indent=2))
+    shown = "app_key and webhook_secret above are" if "app_key" in project else "webhook_secret above is"
+    print(f"gateway: the {shown} shown only now (the store keeps a hash of the key, and 'gateway projects "
+          f"list' a fingerprint); 'gateway projects reset-key {project['name']}' replaces them", file=sys.stderr)
 
 
 def cmd_projects_list(args: argparse.Namespace) -> int:
@@ -200,8 +217,32 @@ def cmd_projects_list(args: argparse.Namespace) -> int:
     store = ProjectStore(config.data_dir)
     for configured in config.projects:
         store.ensure(configured)
-    print(json.dumps([p.public(with_key=args.keys) for p in store.list()], indent=2))
+    print(json.dumps([p.public() for p in store.list()], indent=2))
     store.close()
+    return 0
+
+
+def cmd_projects_reset(args: argparse.Namespace) -> int:
+    """reset-key: a new app_key (the old one stops working) and a new webhook secret; reset-webhook-secret: the
+    webhook secret only. Prints the project with the new secrets, once."""
+    from .store.projects import ProjectStore
+
+    config = _config(args)
+    store = ProjectStore(config.data_dir)
+    try:
+        for configured in config.projects:
+            store.ensure(configured)
+        if args.projects_command == "reset-key":
+            project = store.reset_key(args.name, webhook_secret=not args.keep_webhook_secret)
+        else:
+            project = store.reset_webhook_secret(args.name)
+    finally:
+        store.close()
+    if project is None:
+        print(json.dumps({"error": {"code": "not_found", "message": f"no project named {args.name!r}", "field": "name"}}),
+              file=sys.stderr)
+        return 1
+    _print_credentials(project.public(with_key=True))
     return 0
 
 
@@ -296,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
 
     projects = sub.add_parser("projects", help="API projects (app_id/app_key, numbers, webhook)").add_subparsers(
         dest="projects_command", required=True)
-    pcreate = projects.add_parser("create", help="create a project; prints JSON with its app_id and app_key")
+    pcreate = projects.add_parser("create", help="create a project; prints JSON with its app_id, app_key and "
+                                                 "webhook_secret (shown only then)")
     common(pcreate)
     pcreate.add_argument("--name", required=True)
     pcreate.add_argument("--number", action="append", help="an E.164 number of the project (repeatable)")
@@ -309,10 +351,19 @@ def parser() -> argparse.ArgumentParser:
     pcreate.add_argument("--voice-type", choices=["female", "male"], default="female", help="prompt voice")
     pcreate.add_argument("--language", default="en-US", help="prompt language (prompts/<language>.toml)")
     pcreate.set_defaults(func=cmd_projects_create)
-    plist = projects.add_parser("list", help="all projects (JSON)")
+    plist = projects.add_parser("list", help="all projects (JSON; keys only as fingerprints)")
     common(plist)
-    plist.add_argument("--keys", action="store_true", help="include each app_key")
     plist.set_defaults(func=cmd_projects_list)
+    preset = projects.add_parser("reset-key", help="a new app_key and webhook secret (the old key stops working); "
+                                                   "prints them, once")
+    common(preset)
+    preset.add_argument("name", help="the project's name")
+    preset.add_argument("--keep-webhook-secret", action="store_true", help="replace the app_key only")
+    preset.set_defaults(func=cmd_projects_reset)
+    phook = projects.add_parser("reset-webhook-secret", help="a new webhook secret (the app_key stays); prints it, once")
+    common(phook)
+    phook.add_argument("name", help="the project's name")
+    phook.set_defaults(func=cmd_projects_reset)
 
     prompts = sub.add_parser("prompts", help="spoken prompts").add_subparsers(dest="prompts_command", required=True)
     render = prompts.add_parser("render", help="pre-render every project's prompts into the cache")
@@ -322,6 +373,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # whatever this process and its helpers (room service, Janus, Redis, Kamailio) create is the owner's only:
+    # the data directory holds keys, PINs and call records (PostgreSQL's rule for its data directory)
+    os.umask(0o077)
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

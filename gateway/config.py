@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -34,6 +35,15 @@ class SipConfig:
     # Digest challenges sent to trunks outside the allow-list, in order of preference (RFC 8760). Some
     # clients (sipp among them) read only the first challenge and know only MD5: put "MD5" first for them.
     digest_algorithms: list[str] = field(default_factory=lambda: ["SHA-256", "MD5"])
+    digest_nonce_lifetime_s: int = 300  # a nonce is good for this long, from the address it was sent to
+    # Flood limits (Kamailio's pike is the model). They spare trusted peers: trunk `sources`, registrars,
+    # outbound proxies given as addresses, cluster.lb_sources.
+    rate_limit_per_source: int = 50  # SIP messages a second from one address (IPv6: one /64); 0 = off ...
+    rate_limit_burst: int = 200  # ... in bursts of up to this many; beyond, dropped unanswered
+    max_connections: int = 2000  # TCP connections in all; the last tenth only for trusted peers
+    max_connections_per_source: int = 50  # TCP connections from one untrusted address (IPv6: one /64)
+    tcp_first_message_s: int = 5  # a new connection must deliver a whole SIP message within this, or is closed
+    tcp_idle_s: int = 600  # a connection without a whole message (or keep-alive ping) for this long is closed
 
 
 @dataclass
@@ -44,6 +54,8 @@ class RtpConfig:
     jitter_max_ms: int = 200
     codecs: list[str] = field(default_factory=lambda: ["PCMU", "PCMA"])
     telephone_event_pt: int = 101  # the payload type we offer; we accept whatever the peer offers
+    strict_learning_ms: int = 2000  # strict RTP: window after the answer / a re-INVITE in which the source is learned
+    strict_learning_packets: int = 4  # packets in sequence that latch a source other than the SDP's (NAT)
 
 
 @dataclass
@@ -64,9 +76,15 @@ class IvrConfig:
     inter_digit_timeout_ms: int = 5000
     max_digits: int = 16
     prompts_dir: str = "prompts"  # texts <lang>.toml and recorded overrides <lang>/<key>.wav
-    pin_failures_per_caller: int = 10  # failed PINs allowed per caller number ...
-    pin_failures_per_meeting: int = 30  # ... and per meeting ...
-    pin_failure_window_s: int = 900  # ... within this window; beyond, attempts are refused
+    pin_failures_per_caller: int = 10  # failed PINs per caller number (within its trunk) ...
+    pin_failures_per_source: int = 20  # ... and per source address, within the window; beyond: refused (0 = off)
+    meeting_id_failures_per_caller: int = 10  # wrong meeting IDs per caller number ...
+    meeting_id_failures_per_source: int = 20  # ... and per source address, within the window (0 = off)
+    pin_failures_per_meeting: int = 30  # per meeting: a budget, never a lock; beyond it each PIN check waits ...
+    pin_backoff_ms: int = 1000  # ... this long, doubling with each further failure ...
+    pin_backoff_max_ms: int = 10000  # ... up to this
+    pin_failure_window_s: int = 900  # failures count for this long
+    shared_directory: bool = False  # meeting IDs of every project resolve on every IVR DID (else: the DID's project)
 
 
 @dataclass
@@ -107,6 +125,42 @@ class RoomServiceConfig:
     secret: str = ""  # gateway <-> room service token secret; empty: generated into the same file
     mask_digits: int = 4  # a phone participant is shown as its caller number's last N digits
     voice_api_url: str = ""  # where the room page's "call a phone" goes; empty = this host's http.host:http.port
+    allowed_origins: list[str] = field(default_factory=list)  # more page origins that may open the room WebSocket
+    host_link_days: int = 30  # a moderator (host) link expires this long after it was made
+    max_participants: int = 50  # per room, phones included; the next join gets room_full
+    auth_failures_per_minute: int = 20  # per source address (IPv6: /64); beyond, 429 until the minute ends
+
+
+# Dial-out destinations denied unless a project's or the operator's rules say otherwise: premium-rate and
+# revenue-share ranges (the toll-fraud targets), ITU international premium rate, satellite and international
+# networks. A starting point, not a complete list: carriers publish their own (README "Security").
+PREMIUM_PREFIXES = [
+    "+1900", "+1976",                          # NANP premium rate (900, 976)
+    "+449", "+4487", "+4470",                  # UK: 09 premium rate, 087 revenue sharing, 070 personal numbers
+    "+49900", "+49137",                        # Germany: 0900 premium rate, 0137 mass calling
+    "+3389",                                   # France: 089 premium rate
+    "+39892", "+39894", "+39895", "+39899",    # Italy: 89x premium rate
+    "+34803", "+34806", "+34807", "+34905",    # Spain: premium rate, mass calling
+    "+3190",                                   # Netherlands: 090x premium rate
+    "+3290",                                   # Belgium: 090x premium rate
+    "+41900", "+41901", "+41906",              # Switzerland: premium rate
+    "+43900", "+43930", "+43939",              # Austria: premium rate
+    "+61190",                                  # Australia: 190x premium rate
+    "+979",                                    # ITU International Premium Rate Service
+    "+870", "+881", "+882", "+883",            # Inmarsat, global mobile satellite, international networks
+]
+
+
+@dataclass
+class ApiProjectConfig:
+    """`[[api.projects]]`: one project's dial-out limits and rules (by project name); unset keys: the [api] ones."""
+
+    name: str = ""
+    max_outbound_calls: int | None = None
+    outbound_calls_per_minute: int | None = None
+    allow_sip_uri: bool | None = None
+    allow_prefixes: list[str] | None = None
+    deny_prefixes: list[str] | None = None
 
 
 @dataclass
@@ -116,6 +170,16 @@ class ApiConfig:
     ring_timeout_s: int = 60  # an unanswered dial-out is cancelled after this long (failed, 408)
     park_timeout_s: int = 600  # a call on hold waiting for the API to name a room is hung up after this long
     max_body_bytes: int = 16384
+    auth_failures_per_source: int = 20  # failed authentications per source address (0 = no limit) ...
+    auth_failure_window_s: int = 60  # ... within this window; beyond it the source gets 429 until it ends
+    auth_failure_max_sources: int = 10000  # sources tracked at most (the least recently failing are forgotten)
+    trusted_proxies: list[str] = field(default_factory=list)  # IP/CIDR whose X-Forwarded-For names the client
+    max_outbound_calls_per_project: int = 20  # concurrent dial-outs per project, per worker (0 = no limit)
+    outbound_calls_per_minute: int = 60  # dial-outs placed per project per minute, per worker (0 = no limit)
+    allow_sip_uri: bool = False  # may `to` be a sip: URI (sip:user@host[:port], never parameters or headers)
+    allow_prefixes: list[str] = field(default_factory=list)  # E.164 prefixes that may be called; [] = any ...
+    deny_prefixes: list[str] = field(default_factory=lambda: list(PREMIUM_PREFIXES))  # ... but these
+    projects: list[ApiProjectConfig] = field(default_factory=list)  # per-project overrides of the dial-out keys
 
 
 @dataclass
@@ -124,6 +188,9 @@ class WebhookConfig:
     max_backoff_s: int = 60  # retry delays double from 1 s up to this ...
     max_age_s: int = 3600  # ... and an event older than this is given up (logged, kept in the outbox)
     concurrency: int = 16  # calls delivered in parallel (each call's events stay in order)
+    # loopback, private, link-local, CGNAT, multicast and metadata addresses a webhook may reach anyway (CIDRs);
+    # empty: public addresses only (SSRF)
+    allow_networks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -219,6 +286,7 @@ class TrunkConfig:
     dtmf: list[str] = field(default_factory=lambda: ["rfc4733", "info", "inband"])
     register: RegisterConfig | None = None
     outbound: OutboundConfig | None = None
+    trust_id_inbound: bool = False  # the trunk vouches for caller numbers: PIN limits skip its source address
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]
@@ -231,6 +299,7 @@ class DidConfig:
     project: str = "demo"
     room_id: str = ""
     answer_after_ms: int = 0  # ring (180) this long before answering
+    any_project: bool = False  # route ivr: meeting IDs of every project resolve here (one shared dial-in number)
 
 
 @dataclass
@@ -386,10 +455,15 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"rtp.codecs: unsupported codec {codec!r} (PCMU, PCMA)")
     if not 96 <= c.rtp.telephone_event_pt <= 127:
         raise ConfigError("rtp.telephone_event_pt: must be a dynamic payload type 96-127")
+    if not 100 <= c.rtp.strict_learning_ms <= 30000:
+        raise ConfigError("rtp.strict_learning_ms: must be 100-30000")
+    if not 2 <= c.rtp.strict_learning_packets <= 50:
+        raise ConfigError("rtp.strict_learning_packets: must be 2-50")
     if c.sip.session_expires < c.sip.min_se or c.sip.min_se < 90:
         raise ConfigError("sip.session_expires/min_se: need 90 <= min_se <= session_expires")
     if not c.sip.digest_algorithms or any(a not in ("SHA-256", "MD5") for a in c.sip.digest_algorithms):
         raise ConfigError("sip.digest_algorithms: a non-empty list of \"SHA-256\" and/or \"MD5\"")
+    _validate_sip_limits(c.sip)
     if c.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level: must be debug, info, warning or error, not {c.log.level!r}")
     if c.log.format not in ("json", "text"):
@@ -399,6 +473,13 @@ def _validate(c: Config) -> None:
     for key in ("first_digit_timeout_ms", "inter_digit_timeout_ms"):
         if not 500 <= getattr(c.ivr, key) <= 120000:
             raise ConfigError(f"ivr.{key}: must be between 500 and 120000")
+    for key in ("pin_failures_per_caller", "pin_failures_per_source", "meeting_id_failures_per_caller",
+                "meeting_id_failures_per_source", "pin_failures_per_meeting"):
+        if getattr(c.ivr, key) < 0:
+            raise ConfigError(f"ivr.{key}: must be 0 (off) or more")
+    if not 0 <= c.ivr.pin_backoff_ms <= c.ivr.pin_backoff_max_ms <= 60000 or c.ivr.pin_failure_window_s < 1:
+        raise ConfigError("ivr.pin_backoff_ms/pin_backoff_max_ms/pin_failure_window_s: need 0 <= pin_backoff_ms <= "
+                          "pin_backoff_max_ms <= 60000 and a window of at least 1 s")
     if not 4 <= c.rooms.meeting_id_digits <= 16 or not 4 <= c.rooms.pin_digits <= 12:
         raise ConfigError("rooms.meeting_id_digits (4-16) / rooms.pin_digits (4-12): out of range")
     if c.directory.kind not in ("embedded", "http"):
@@ -411,6 +492,12 @@ def _validate(c: Config) -> None:
     port(c.room_service.port, "room_service.port")
     if not 0 <= c.room_service.mask_digits <= 15:
         raise ConfigError("room_service.mask_digits: 0 to 15")
+    for origin in c.room_service.allowed_origins:
+        if not re.fullmatch(r"https?://[^/?#\s]+", origin):
+            raise ConfigError(f"room_service.allowed_origins: {origin!r} is not an origin (scheme://host[:port])")
+    for key in ("host_link_days", "max_participants", "auth_failures_per_minute"):
+        if getattr(c.room_service, key) < 1:
+            raise ConfigError(f"room_service.{key}: must be at least 1")
     projects = {p.name for p in c.projects}
     for i, t in enumerate(c.trunks):
         if not t.name:
@@ -433,8 +520,14 @@ def _validate(c: Config) -> None:
         raise ConfigError("api.ring_timeout_s: 5 to 600")
     if not 5 <= c.api.park_timeout_s <= 86400:
         raise ConfigError("api.park_timeout_s: 5 to 86400")
+    _validate_api(c.api)
     if c.webhooks.timeout_s < 1 or c.webhooks.max_backoff_s < 1 or c.webhooks.max_age_s < 1 or c.webhooks.concurrency < 1:
         raise ConfigError("webhooks: timeout_s, max_backoff_s, max_age_s and concurrency must be at least 1")
+    for i, net in enumerate(c.webhooks.allow_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"webhooks.allow_networks[{i}]: not an IP network (CIDR): {net!r}") from None
     cl = c.cluster
     if not 1 <= cl.workers <= cl.max_workers <= 64:
         raise ConfigError("cluster.workers/max_workers: need 1 <= workers <= max_workers <= 64")
@@ -452,6 +545,8 @@ def _validate(c: Config) -> None:
     for i, p in enumerate(c.projects):
         if p.notification_url and not p.notification_url.startswith(("http://", "https://")):
             raise ConfigError(f"projects[{i}].notification_url: must be an http(s):// URL")
+        if "@" in re.split("[/?#]", p.notification_url.partition("://")[2])[0]:  # not kept: webhooks are signed
+            raise ConfigError(f"projects[{i}].notification_url: no user:password@ (the webhooks are signed)")
     for i, d in enumerate(c.dids):
         if not d.number.lstrip("+").isdigit():
             raise ConfigError(f"dids[{i}].number: must be digits (E.164, optional +), not {d.number!r}")
@@ -461,6 +556,42 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"dids[{i}].room_id: required when route = \"room\"")
         if d.project not in projects:
             raise ConfigError(f"dids[{i}].project: no project named {d.project!r}")
+
+
+def _validate_api(a: ApiConfig) -> None:
+    if a.auth_failures_per_source < 0 or a.auth_failure_window_s < 1 or a.auth_failure_max_sources < 1:
+        raise ConfigError("api.auth_failures_per_source (0 = no limit), api.auth_failure_window_s and "
+                          "api.auth_failure_max_sources (at least 1): out of range")
+    for i, net in enumerate(a.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"api.trusted_proxies[{i}]: not an IP address or CIDR: {net!r}") from None
+    names: set[str] = set()
+    for where, o in [("api", a), *((f"api.projects[{i}]", p) for i, p in enumerate(a.projects))]:
+        if isinstance(o, ApiProjectConfig):
+            if not o.name or o.name in names:
+                raise ConfigError(f"{where}.name: a project name, one entry per project")
+            names.add(o.name)
+        for key in ("max_outbound_calls_per_project", "max_outbound_calls", "outbound_calls_per_minute"):
+            value = getattr(o, key, None)
+            if value is not None and value < 0:
+                raise ConfigError(f"{where}.{key}: 0 (no limit) or more, not {value}")
+        for key in ("allow_prefixes", "deny_prefixes"):
+            for j, prefix in enumerate(getattr(o, key) or []):
+                if not re.fullmatch(r"\+?[0-9]{1,15}", prefix):
+                    raise ConfigError(f"{where}.{key}[{j}]: an E.164 prefix (optional +, ASCII digits), not {prefix!r}")
+
+
+def _validate_sip_limits(s: SipConfig) -> None:
+    if not 10 <= s.digest_nonce_lifetime_s <= 3600:
+        raise ConfigError("sip.digest_nonce_lifetime_s: 10 to 3600")
+    if s.rate_limit_per_source < 0 or s.rate_limit_burst < 1:
+        raise ConfigError("sip.rate_limit_per_source (0 = off) / sip.rate_limit_burst (at least 1): out of range")
+    if not 1 <= s.max_connections_per_source <= s.max_connections:
+        raise ConfigError("sip.max_connections_per_source/max_connections: need 1 <= per source <= max_connections")
+    if not 1 <= s.tcp_first_message_s <= s.tcp_idle_s <= 86400:
+        raise ConfigError("sip.tcp_first_message_s/tcp_idle_s: need 1 <= tcp_first_message_s <= tcp_idle_s <= 86400")
 
 
 def _validate_janus(j: JanusConfig) -> None:

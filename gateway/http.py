@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Protocol
 
 from aiohttp import web
@@ -11,7 +13,9 @@ from .api.voice import VoiceApi
 from .calls.registration import Registration
 from .calls.ua import UserAgent
 from .cluster.metrics import Metrics
+from .cluster.registry import CallRegistry
 from .config import Config
+from .rooms.connector import JanusRoomConnector
 
 
 class Served(Protocol):
@@ -25,6 +29,8 @@ class Served(Protocol):
     clock: MediaClock
     metrics: Metrics
     api: VoiceApi
+    registry: CallRegistry
+    connector: JanusRoomConnector | None
 
 
 def make_app(worker: Served) -> web.Application:
@@ -43,6 +49,13 @@ def make_app(worker: Served) -> web.Application:
             "registrations": {r.trunk.name: r.state for r in worker.registrations},
             "media_clock": {"ticks": worker.clock.ticks, "skipped": worker.clock.skipped,
                             "lateness": worker.clock.lateness_percentiles()},
+            # what an operator (or the soak test) watches for outages and leaks
+            "cdr": worker.ua.cdr.status(),
+            "registry": worker.registry.status(),
+            "janus": worker.connector.stats() if worker.connector is not None else None,
+            "webhooks_queued": sum(len(q) for q in worker.api.notifier.lanes.values()),
+            "tasks": len(asyncio.all_tasks()),
+            "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None,
         })
 
     async def metrics(request: web.Request) -> web.Response:

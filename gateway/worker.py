@@ -18,20 +18,21 @@ from .adapters.clock import MediaClock
 from .api.voice import VoiceApi
 from .api.webhooks import Notifier
 from .apps.echo import echo
-from .apps.limits import AttemptLimiter, RedisLimiter
+from .apps.limits import AttemptLimiter, Limits, RedisLimiter
 from .apps.prompts import PromptError, PromptLibrary, prompt_sets
 from .apps.routes import make_api_route, make_dial_in
 from .apps.services import Directory, IvrServices, Limiter
 from .calls.call import Call
 from .calls.registration import Registration
 from .calls.ua import App, UserAgent
+from .cluster.alarms import StoreAlarm
 from .cluster.janus import JanusProcess, JanusSecrets, supervise_janus
 from .cluster.metrics import Metrics
 from .cluster.registry import CallRegistry, LocalRegistry, RedisRegistry
 from .config import Config, DidConfig
 from .http import make_app
 from .rooms.connector import JanusRoomConnector
-from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory
+from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory, pin_key
 from .rooms.service.server import service_secrets
 from .store.cdr import CdrStore
 from .store.projects import ProjectStore
@@ -60,12 +61,12 @@ class Worker:
         d = config.directory
         self.directory: Directory = (
             HttpDirectory(d.url, d.username, d.password, d.timeout_ms / 1000) if d.kind == "http"
-            else SharedDirectory(shared, self.rooms) if shared is not None  # several workers: Redis holds it
+            else SharedDirectory(shared, self.rooms, pin_key(service_secrets(config)["secret"]))
+            if shared is not None  # several workers: Redis holds it (PINs keyed by the room service's secret)
             else EmbeddedDirectory(self.rooms)
         )
-        ivr = config.ivr
-        limits = (ivr.pin_failures_per_caller, ivr.pin_failures_per_meeting, ivr.pin_failure_window_s)
-        limiter: Limiter = RedisLimiter(shared, *limits) if shared is not None else AttemptLimiter(*limits)
+        limits = Limits.from_config(config.ivr)
+        limiter: Limiter = RedisLimiter(shared, limits) if shared is not None else AttemptLimiter(limits)
         services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, None, self.projects)
         dial_in = make_dial_in(services)
         apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in, "api": make_api_route(services)}
@@ -83,7 +84,9 @@ class Worker:
         self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
         self._workers_alive = 1
-        self.metrics = Metrics(self.ua, self.notifier, lambda: self._workers_alive, lambda: self._cpu_percent)
+        self.metrics = Metrics(self.ua, self.notifier, lambda: self._workers_alive, lambda: self._cpu_percent,
+                               registry=self.registry)
+        self.cdr_alarm = StoreAlarm(self.cdr, name, config.cluster.alarm_url, lambda: self._workers_alive)
         self.ua.listener = self._on_call_event
         threshold = config.cluster.cpu_threshold
         self.ua.overloaded = lambda: threshold > 0 and self._cpu_percent > threshold
@@ -122,6 +125,7 @@ class Worker:
                 self._cpu_percent = 100.0 * (cpu - cpu_then) / (now - then)
                 self._cpu = (now, cpu)
             self.registry.set_state("up" if self.ua.accepting else "draining", len(self.ua.calls))
+            self.cdr_alarm.check()  # the CDR disk refusing writes (or back): an alarm
             if isinstance(self.registry, RedisRegistry):
                 try:
                     self._workers_alive = len(await self.registry.workers())
@@ -136,8 +140,9 @@ class Worker:
         (folder / f"{self.name}.json").write_text(json.dumps(info))
 
     def _webhook_key(self, project: str) -> str | None:
+        """The project's webhook secret (a secret of its own: a webhook receiver never holds the API key)."""
         found = self.projects.by_name(project)
-        return found.app_key if found is not None else None
+        return found.webhook_secret if found is not None else None
 
     async def start(self) -> None:
         stale = self.cdr.close_stale("gateway_restart", worker=self.name)
@@ -213,6 +218,7 @@ class Worker:
         if self._runner:
             await self._runner.cleanup()
         await self.notifier.close()
+        await self.cdr_alarm.close()
         await self.api.close()
         await self.registry.close()
         self.cdr.close()

@@ -21,11 +21,42 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "tests" / "integration" / "scenarios"
 
 
+def _handed_out_ports() -> tuple[int, int]:
+    """The ports tests hand out: from 10000 up to where the kernel's ephemeral ports begin (32768 by default), so a
+    port a client socket (chromedriver, Chromium, sipp, urllib) got from the kernel is never one a test handed to
+    a gateway a moment later."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    return 10000, max(ephemeral, 20000)
+
+
+PORTS = _handed_out_ports()  # split between pytest-xdist workers, so parallel tests never share one
+
+
+def worker_ports() -> tuple[int, int]:
+    """This pytest process's share of PORTS (all of it when the suite runs in one process)."""
+    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) % count if worker.isdigit() else 0
+    span = (PORTS[1] - PORTS[0]) // count
+    return PORTS[0] + index * span, PORTS[0] + (index + 1) * span
+
+
+def port_block(size: int) -> int:
+    """The even first port of `size` ports for a range (a gateway's or Janus's RTP, sipp's media), from this
+    process's share; whoever binds them copes with one taken (the gateway and Janus skip it)."""
+    low, high = worker_ports()
+    return random.randrange(low, high - size, 2)
+
+
 def free_port(kind: str = "both", count: int = 1) -> int:
-    """A port free for UDP and TCP on 127.0.0.1 (random, so parallel runs rarely collide); with `count`,
+    """A port free for UDP and TCP on 127.0.0.1 (random within this process's share); with `count`,
     the first of that many consecutive free ports."""
+    low, high = worker_ports()
     for _ in range(200):
-        base = random.randint(20000, 60000 - count)
+        base = random.randint(low, high - count)
         try:
             for port in range(base, base + count):
                 for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
@@ -99,7 +130,7 @@ def janus_env(rtp_low: int) -> dict[str, str]:
 
 def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> Gateway:
     sip_port, http_port, rooms_port = free_port(), free_port(), free_port()
-    rtp_low = random.randrange(30000, 58000, 2)
+    rtp_low = port_block(1602)  # the worker's 1200 RTP ports, then Janus's 400
     rtp = (rtp_low, rtp_low + 1200)
     data = tmp / "data"
     args = [sys.executable, "-m", "gateway", "run", "--sip-host", "127.0.0.1", "--sip-port", str(sip_port),
@@ -111,7 +142,8 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
     log_path = tmp / "gateway.log"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port),
-                                 "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **janus_env(rtp[1] + 2), **(env or {})})
+                                 "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **janus_env(rtp[1] + 2),
+                                 "GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.0/8"]', **(env or {})})  # receivers
     gw = Gateway(proc, sip_port, http_port, rtp, data, log_path, rooms_port)
 
     def healthy() -> bool:
@@ -156,7 +188,7 @@ def run_sipp(gw_sip: str, *args: str, timeout: float = 60, cwd: Path | None = No
              media_port: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run sipp to completion (bounded in time); the caller asserts on returncode/stdout."""
     port = free_port()
-    media = media_port or random.randrange(40000, 60000, 2)
+    media = media_port or port_block(4)
     cmd = ["sipp", gw_sip, "-i", "127.0.0.1", "-p", str(port), "-mp", str(media), "-nostdin",
            "-timeout", f"{int(timeout) - 5}s", "-timeout_error", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)

@@ -1,8 +1,14 @@
-"""A call's RTP endpoint: one UDP port, symmetric RTP, a jitter buffer, driven by the shared clock.
+"""A call's RTP endpoint: one UDP port, strict symmetric RTP, a jitter buffer, driven by the shared clock.
 
 Each tick the session pops one received frame from the jitter buffer and hands it to `handler`, which
 returns the frame to send (or None for nothing). The handler is the call's current application: echo,
 a prompt player, the bridge to a room.
+
+Strict RTP (`media.strict_rtp.SourceGuard`): the port accepts packets from one source only, learned from the
+SDP and the first packets of a short window that signalling opens (`learn`: the answer; `update`: a re-INVITE
+or UPDATE that moves the media), then locked; we send to that source. Everything else is dropped and counted
+(`dropped` by reason, the range's `ports.dropped` for the metric), so a stranger spraying the port range
+neither hears the call nor speaks (or types digits) into it.
 """
 
 from __future__ import annotations
@@ -10,11 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 
+from .. import log
+from ..config import RtpConfig
 from ..media import g711
 from ..media.jitter import JitterBuffer
 from ..media.rtp import RtpError, RtpPacket, is_rtcp
+from ..media.strict_rtp import Address, SourceGuard, normalize
 from ..sip.sdp import MediaParams
 from .clock import MediaClock
 from .ports import PortAllocator, bind_datagram
@@ -23,17 +33,19 @@ logger = logging.getLogger("gateway.media")
 
 FrameHandler = Callable[[bytes | None], bytes | None]
 FRAME = 160  # samples per 20 ms at 8 kHz
+_DEFAULTS = RtpConfig()
 
 
 class RtpSession(asyncio.DatagramProtocol):
-    def __init__(self, clock: MediaClock, ports: PortAllocator, params: MediaParams, jitter_ms: tuple[int, int]) -> None:
+    def __init__(self, clock: MediaClock, ports: PortAllocator, params: MediaParams, jitter_ms: tuple[int, int],
+                 strict: tuple[int, int] = (_DEFAULTS.strict_learning_ms, _DEFAULTS.strict_learning_packets)) -> None:
+        """`strict`: the learning window in ms and the packets in sequence that latch a source other than the SDP's."""
         self.clock = clock
         self.ports = ports
         self.params = params
         self.port = 0
         self.transport: asyncio.DatagramTransport | None = None
-        self.remote: tuple[str, int] = (params.remote_host, params.remote_port)
-        self.latched = False
+        self.guard = SourceGuard(strict[0] / 1000, strict[1])
         self.handler: FrameHandler | None = None
         self.on_telephone_event: Callable[[RtpPacket], None] | None = None
         self.jitter = JitterBuffer(
@@ -44,7 +56,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self.ts = int.from_bytes(os.urandom(4), "big")
         self.sent = 0
         self.received = 0
-        self.bad = 0
+        self.dropped: Counter[str] = Counter()  # by reason: source, ssrc, malformed
         self._marker = True
         self.closed = False
 
@@ -52,9 +64,19 @@ class RtpSession(asyncio.DatagramProtocol):
     def silence(self) -> bytes:
         return self.jitter.silence_frame
 
+    @property
+    def remote(self) -> Address | None:
+        """Where our packets go: the locked (or latched) source, else the SDP address."""
+        return self.guard.target
+
+    @property
+    def bad(self) -> int:
+        return self.dropped["malformed"]
+
     async def open(self, host: str) -> int:
         """Bind a port from the allocator; ports another process holds are skipped."""
         self.transport, self.port = await bind_datagram(self.ports, host, lambda: self)
+        self.learn(force=True)
         self.clock.subscribe(id(self), self._tick)
         return self.port
 
@@ -68,12 +90,21 @@ class RtpSession(asyncio.DatagramProtocol):
         if self.port:
             self.ports.release(self.port)
 
+    def learn(self, force: bool = False) -> None:
+        """Signalling told the caller our port (the answer): open a learning window for the SDP address, unless a
+        source already proved itself."""
+        if force or not self.guard.confirmed:
+            self.guard.learn(normalize(self.params.remote_host, self.params.remote_port), self._now())
+            self._log_guard()
+
     def update(self, params: MediaParams) -> None:
-        """A re-INVITE/UPDATE changed the media (hold, new address, codec)."""
-        if (params.remote_host, params.remote_port) != (self.params.remote_host, self.params.remote_port):
-            self.remote = (params.remote_host, params.remote_port)
-            self.latched = False
+        """A re-INVITE/UPDATE changed the media (hold, new address, codec). A new address opens a learning window
+        (the only way besides the window a new source is accepted); the same address, or none (c=0.0.0.0 hold),
+        keeps the lock."""
         self.params = params
+        new = normalize(params.remote_host, params.remote_port)
+        if new is not None and new != self.guard.expected:
+            self.learn(force=True)
 
     @property
     def sending(self) -> bool:
@@ -83,6 +114,10 @@ class RtpSession(asyncio.DatagramProtocol):
     def receiving(self) -> bool:
         return self.params.direction in ("sendrecv", "recvonly")
 
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
     # -- network side
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         if is_rtcp(data):
@@ -90,25 +125,48 @@ class RtpSession(asyncio.DatagramProtocol):
         try:
             packet = RtpPacket.parse(data)
         except RtpError:
-            self.bad += 1
+            self._drop("malformed", addr)
             return
-        if not self.latched or addr != self.remote:
-            # Symmetric RTP (RFC 4961): answer where the caller's packets come from (NAT).
-            self.remote = addr
-            self.latched = True
+        now = asyncio.get_running_loop().time()
+        reason = self.guard.check((addr[0], addr[1]), packet.ssrc, packet.sequence, now)
+        if self.guard.events:
+            self._log_guard()
+        if reason:
+            self._drop(reason, addr)
+            return
         self.received += 1
         pt = packet.payload_type
         if pt == self.params.payload_type:
             if self.receiving:
-                self.jitter.put(packet.timestamp, packet.payload, asyncio.get_running_loop().time(), packet.ssrc)
+                self.jitter.put(packet.timestamp, packet.payload, now, packet.ssrc)
         elif pt == self.params.dtmf_pt and self.on_telephone_event is not None:
-            self.on_telephone_event(packet)
+            self.on_telephone_event(packet)  # RFC 4733 events are RTP of the same, accepted stream
+
+    def _drop(self, reason: str, addr: tuple[str, int]) -> None:
+        self.dropped[reason] += 1
+        self.ports.dropped[reason] += 1
+        if self.dropped[reason] == 1:  # once per call and reason: the counters carry the rest
+            level = logging.INFO if self.guard.learning else logging.WARNING  # probation is normal behind NAT
+            log.event(logger, "rtp.dropped", level, port=self.port, reason=reason,
+                      source=f"{addr[0]}:{addr[1]}", state=self.guard.state)
+
+    def _log_guard(self) -> None:
+        for name, fields in self.guard.events:
+            if name != "new_ssrc" or self.guard.ssrc_changes <= 3:  # a peer changing SSRC all the time: 3 lines
+                log.event(logger, f"rtp.{name}", logging.INFO, port=self.port,
+                          **{k: f"{v[0]}:{v[1]}" if isinstance(v, tuple) else v for k, v in fields.items()})
+        self.guard.events.clear()
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
 
     def error_received(self, exc: Exception) -> None:
         logger.debug("rtp.error", extra={"fields": {"port": self.port, "error": str(exc)}})
 
     # -- clock side
     def _tick(self) -> None:
+        if self.guard.learning and self.guard.expire(self._now()):
+            self._log_guard()
         frame = self.jitter.pop()
         out = self.handler(frame) if self.handler is not None else None
         self.ts = (self.ts + FRAME) & 0xFFFFFFFF
@@ -116,10 +174,11 @@ class RtpSession(asyncio.DatagramProtocol):
             self.send_payload(out, self.params.payload_type, self.ts)
 
     def send_payload(self, payload: bytes, pt: int, ts: int, marker: bool = False) -> None:
-        if self.transport is None or self.closed:
+        target = self.guard.target
+        if self.transport is None or self.closed or target is None:
             return
         self.seq = (self.seq + 1) & 0xFFFF
         packet = RtpPacket(pt, self.seq, ts, self.ssrc, payload, marker or self._marker)
         self._marker = False
-        self.transport.sendto(packet.serialize(), self.remote)
+        self.transport.sendto(packet.serialize(), target)
         self.sent += 1

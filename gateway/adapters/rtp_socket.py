@@ -37,13 +37,18 @@ class RtpSocket(asyncio.DatagramProtocol):
             self.sent += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
-        if self.peer is None or addr[:2] != self.peer or is_rtcp(data):
+        if self.peer is None or addr[:2] != self.peer:
+            self.dropped += 1
+            self.ports.dropped["source"] += 1  # gateway_rtp_dropped_total
+            return
+        if is_rtcp(data):
             self.dropped += 1
             return
         try:
             packet = RtpPacket.parse(data)
         except RtpError:
             self.dropped += 1
+            self.ports.dropped["malformed"] += 1
             return
         self.received += 1
         self.on_packet(packet)

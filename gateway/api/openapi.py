@@ -18,13 +18,17 @@ _ROOM = {"name": "room_id", "in": "path", "required": True, "schema": {"type": "
 _VOICE = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 _COMMON = {"401": _error("missing or wrong credentials (the EnableX table says 407; HTTP reserves 407 for proxies)"),
            "400": _error("invalid input: `error.field` names the field"),
-           "404": _error("room_id or voice_id not found in this project")}
+           "404": _error("room_id or voice_id not found in this project"),
+           "429": _error("too many failed authentications from this address (code too_many_auth_failures), or, "
+                         "on dial, the project's outbound caps (too_many_concurrent_calls, too_many_calls); "
+                         "the Retry-After header says when to retry")}
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {"title": "gateway Voice API", "version": "1.0.0",
              "description": "Dial phones into video rooms, bridge live calls, remove them; call progress goes to "
-                            "webhooks signed with X-Voice-Signature: sha256=HMAC-SHA256(app_key, body)."},
+                            "webhooks signed with X-Voice-Timestamp: <unix seconds> and X-Voice-Signature: "
+                            "v1=HMAC-SHA256(webhook_secret, \"<timestamp>.<body>\")."},
     "servers": [{"url": "/"}],
     "security": [{"basic": []}],
     "paths": {
@@ -34,6 +38,8 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_ROOM],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Dial"}}}},
                 "responses": {"200": _ok("CallState", "the call is being placed (state initiated)"), **_COMMON,
+                              "403": _error("the destination is not allowed for this project (code "
+                                            "destination_not_allowed: a denied prefix, or sip: not enabled)"),
                               "500": _error("outbound call failed (no outbound trunk)"),
                               "503": _error("at capacity or draining")},
             }
@@ -61,18 +67,21 @@ OPENAPI: dict[str, Any] = {
                 "summary": "The project's calls, newest first",
                 "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                                {"name": "active", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}}],
-                "responses": {"200": _ok("CallList", "calls"), "400": _COMMON["400"], "401": _COMMON["401"]},
+                "responses": {"200": _ok("CallList", "calls"), "400": _COMMON["400"], "401": _COMMON["401"],
+                              "429": _COMMON["429"]},
             }
         },
         "/voice/v1/calls/{voice_id}": {
             "get": {
                 "summary": "One call: its state and every CDR event",
                 "parameters": [_VOICE],
-                "responses": {"200": _ok("Call", "the call"), "401": _COMMON["401"], "404": _COMMON["404"]},
+                "responses": {"200": _ok("Call", "the call"), "401": _COMMON["401"], "404": _COMMON["404"],
+                              "429": _COMMON["429"]},
             }
         },
         "/voice/v1/openapi.json": {
-            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}, "401": _COMMON["401"]}}
+            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}, "401": _COMMON["401"],
+                                                              "429": _COMMON["429"]}}
         },
     },
     "components": {
@@ -84,9 +93,13 @@ OPENAPI: dict[str, Any] = {
             "Dial": {"type": "object", "required": ["from", "to"], "properties": {
                 "name": {"type": "string", "maxLength": 128},
                 "owner_ref": {"type": "string", "maxLength": 128},
-                "from": {"type": "string", "description": "one of the project's numbers with out=true (E.164)"},
-                "to": {"type": "string", "description": "E.164 number or sip: URI", "maxLength": 256},
-                "event_url": {"type": "string", "description": "webhook for this call (default: the project's notification_url)"}}},
+                "from": {"type": "string", "description": "one of the project's numbers with out=true (E.164: "
+                                                          "optional +, 6 to 15 ASCII digits)"},
+                "to": {"type": "string", "maxLength": 256, "description": "E.164 number (optional +, 6 to 15 ASCII "
+                       "digits), or sip:user@host[:port] where the project allows sip: URIs (never with ;parameters "
+                       "or ?headers); premium-rate prefixes are refused (api.deny_prefixes)"},
+                "event_url": {"type": "string", "description": "webhook for this call (default: the project's notification_url); "
+                              "an http(s) URL whose host has public addresses only (unless webhooks.allow_networks)"}}},
             "CallState": {"type": "object", "required": ["state", "voice_id", "room_id", "timestamp"], "properties": {
                 "state": {"type": "string", "enum": ["initiated", "joined", "removed"]},
                 "voice_id": {"type": "string"}, "room_id": {"type": "string"},

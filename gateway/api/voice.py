@@ -8,16 +8,23 @@
 
 HTTP Basic with a project's app_id:app_key on every /voice route; a project sees and acts on its own calls
 and rooms only (another project's voice_id or room_id is "not found"). Missing or wrong credentials give
-401 with WWW-Authenticate (the EnableX table says 407, which HTTP reserves for proxies). Errors are JSON:
-{"error": {"code", "message", "field"?}}.
+401 with WWW-Authenticate (the EnableX table says 407, which HTTP reserves for proxies); a client address
+with more than api.auth_failures_per_source wrong credentials in api.auth_failure_window_s gets 429 with
+Retry-After for every request until the window ends (guards.py). Errors are JSON:
+{"error": {"code", "message", "field"?}}; each 4xx is one log line (api.rejected), never a traceback.
+
+Dial-out is limited per project: `to` is an E.164 number (ASCII digits) or, where allowed, a plain
+sip:user@host[:port]; premium-rate prefixes are denied (403); concurrent calls and calls per minute are
+capped (429). See api.* in config/gateway.toml.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
+import re
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -28,13 +35,15 @@ from ..apps.routes import run_hosted
 from ..apps.services import IvrServices
 from ..calls.call import Call
 from ..calls.control import BRIDGEABLE, Order, Steering
-from ..calls.outbound import DialError, OutboundCall
-from ..cluster.registry import CallRegistry, RedisRegistry
+from ..calls.outbound import E164, DestinationDenied, DialError, OutboundCall, check_destination
+from ..cluster.registry import CallRegistry
 from ..config import TrunkConfig
-from ..rooms.directory import publish_room
+from ..rooms.directory import SharedDirectory
+from ..sources import FailureWindow, source_key
 from ..store import cdr
-from ..store.projects import Project, ProjectStore, normalize_number
+from ..store.projects import Project, ProjectStore
 from ..store.rooms import RoomStore
+from .guards import DialLimits, client_source, networks, quiet_malformed_http
 from .openapi import OPENAPI
 from .webhooks import Notifier, timestamp
 
@@ -45,14 +54,23 @@ logger = logging.getLogger("gateway.api")
 MAX_TEXT = 128
 MAX_URL = 2048
 JOIN_WAIT_S = 20.0  # PUT join answers once the call is in the room (or the join failed)
+SETTLE_S = 3.0  # PUT join waits this long for a call that is being answered to become bridgeable
 WEBHOOK_STATES = {"ringing", "answered", "joined", "removed"}
 FORWARDED = "X-Gateway-Forwarded"  # set on a request one worker passes to the worker holding the call
+# Credentials that cannot be a project's are refused before the projects store is asked: app_ids are 32 hex
+# digits and app_keys 32 URL-safe base64 characters today; these bounds leave room and keep garbage out.
+APP_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+APP_KEY = re.compile(r"[!-~]{1,128}")  # printable ASCII
+MAX_AUTHORIZATION = 512
+LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII digits: str.isdigit() passes "¹", which int() then refuses
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -61,6 +79,8 @@ class ApiError(Exception):
         r = web.json_response({"error": err}, status=self.status)
         if self.status == 401:
             r.headers["WWW-Authenticate"] = 'Basic realm="voice", charset="UTF-8"'
+        if self.retry_after is not None:
+            r.headers["Retry-After"] = str(self.retry_after)
         return r
 
 
@@ -71,6 +91,8 @@ def _text(body: dict[str, Any], key: str, required: bool = False, limit: int = M
     if not isinstance(value, str) or (required and not value) or len(value) > limit:
         need = "a non-empty string" if required else "a string"
         raise ApiError(400, "invalid_input", f"{key}: {need} of at most {limit} characters", key)
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):  # control characters, lone surrogates
+        raise ApiError(400, "invalid_input", f"{key}: control characters and unpaired surrogates are not allowed", key)
     return value
 
 
@@ -85,40 +107,78 @@ class VoiceApi:
         self.notifier = notifier
         self.registry = registry
         self._client: aiohttp.ClientSession | None = None
+        api = self.config.api
+        self.trusted_proxies = networks(api.trusted_proxies)
+        self.auth_failures = FailureWindow(api.auth_failures_per_source, api.auth_failure_window_s,
+                                          api.auth_failure_max_sources)
+        self.dial_limits = DialLimits(api)
 
     # -- plumbing
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith("/voice/"):
             return await handler(request)  # type: ignore[no-any-return]
+        source = source_key(client_source(request, self.trusted_proxies))
         try:
-            request["project"] = self._authenticate(request.headers.get("Authorization", ""))
+            request["project"] = self._authenticate(request.headers.get("Authorization", ""), source)
             return await handler(request)  # type: ignore[no-any-return]
         except ApiError as exc:
+            self._rejected(request, source, exc)
             return exc.response()
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: JSON too
             if exc.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
-            r = ApiError(exc.status, code, exc.reason).response()
+            error = ApiError(exc.status, code, exc.reason)
+            self._rejected(request, source, error)
+            r = error.response()
             if exc.status == 405 and "Allow" in exc.headers:
                 r.headers["Allow"] = exc.headers["Allow"]
             return r
         except Exception:
-            logger.exception("api.failed", extra={"fields": {"path": request.path, "method": request.method}})
+            logger.exception("api.failed", extra={"fields": {"path": request.path[:200], "method": request.method}})
             return ApiError(500, "internal_error", "the gateway failed to handle this request (logged)").response()
 
-    def _authenticate(self, header: str) -> Project:
-        if header.startswith("Basic "):
-            try:
-                app_id, sep, app_key = base64.b64decode(header[6:], validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                sep = ""
-            if sep:
-                project = self.projects.authenticate(app_id, app_key)
-                if project is not None:
-                    return project
+    def _authenticate(self, header: str, source: str) -> Project:
+        """The project whose app_id:app_key the Basic credentials carry. A source past its failure limit gets 429
+        whatever it sends (the right key too: otherwise the limit would not stop guessing); a missing header is not
+        a failure (clients that wait for the challenge send one), wrong or malformed credentials are."""
+        retry = self.auth_failures.blocked(source)
+        if retry is not None:
+            raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address; "
+                           f"retry after {retry} s", retry_after=retry)
+        if header:
+            project = self._project(header)
+            if project is not None:
+                return project
+            if self.auth_failures.failed(source):  # this failure reached the limit: one line per source and window
+                log.event(logger, "api.auth_blocked", logging.WARNING, source=source,
+                          failures=self.auth_failures.limit, window_s=self.auth_failures.window)
         raise ApiError(401, "unauthorized", "HTTP Basic credentials required: the project's app_id and app_key")
+
+    def _project(self, header: str) -> Project | None:
+        if len(header) > MAX_AUTHORIZATION or header[:6].lower() != "basic ":
+            return None
+        try:  # the header may hold any bytes (aiohttp passes them on as surrogates): ASCII base64, then UTF-8
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is non-ASCII input
+            return None
+        app_id, sep, app_key = decoded.partition(":")
+        if not sep or not APP_ID.fullmatch(app_id) or not APP_KEY.fullmatch(app_key):
+            return None  # cannot be a project's: the store is not asked (it never sees garbage)
+        return self.projects.authenticate(app_id, app_key)
+
+    def _rejected(self, request: web.Request, source: str, error: ApiError) -> None:
+        """One line per refused request, at info: wrong credentials too (at most auth_failures_per_source per source
+        and window), a request without credentials only at debug (not counted, so not bounded), the 429s of a
+        blocked source not at all (its api.auth_blocked warning said it once)."""
+        if error.code == "too_many_auth_failures":
+            return
+        project = request.get("project")
+        quiet = error.status == 401 and "Authorization" not in request.headers
+        log.event(logger, "api.rejected", logging.DEBUG if quiet else logging.INFO,
+                  status=error.status, code=error.code, field=error.field, method=request.method,
+                  path=request.path[:200], source=source, project=project.name if project is not None else None)
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
@@ -126,7 +186,7 @@ class VoiceApi:
             return {}
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested too deep
             raise ApiError(400, "invalid_json", "the body must be a JSON object") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
@@ -193,20 +253,26 @@ class VoiceApi:
         to = _text(body, "to", required=True, limit=256)
         name, owner_ref = _text(body, "name"), _text(body, "owner_ref")
         event_url = _text(body, "event_url", limit=MAX_URL)
-        try:
-            normalize_number(from_)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_input", f"from: {exc}", "from") from None
+        if not E164.fullmatch(from_):
+            raise ApiError(400, "invalid_input", "from: must be an E.164 number: optional +, then 6 to 15 ASCII digits",
+                           "from")
         if not project.can_call_from(from_):
             raise ApiError(400, "invalid_input", "from: not one of the project's numbers with out=true", "from")
-        if not to.startswith("sip:"):
-            try:
-                normalize_number(to)
-            except ValueError as exc:
-                raise ApiError(400, "invalid_input", f"to: {exc} (or a sip: URI)", "to") from None
-        if event_url and not event_url.startswith(("http://", "https://")):
-            raise ApiError(400, "invalid_input", "event_url: an http(s):// URL", "event_url")
+        try:
+            check_destination(to, self.dial_limits.rules(project.name))
+        except DestinationDenied as exc:
+            raise ApiError(403, "destination_not_allowed", str(exc), "to") from None
+        except DialError as exc:
+            raise ApiError(400, "invalid_input", str(exc), "to") from None
+        if event_url and (unsafe := await self.notifier.check(event_url)) is not None:  # SSRF: after DNS too
+            raise ApiError(400, "invalid_input", f"event_url: {unsafe}", "event_url")
         self._room(room_id, project)
+        live = sum(1 for c in self.ua.calls.values()
+                   if c.direction == "outbound" and c.info.get("project") == project.name and not c.ended.is_set())
+        refused = self.dial_limits.refused(project.name, live)  # no await from here to the call's registration
+        if refused is not None:
+            code, message, retry = refused
+            raise ApiError(429, code, message, retry_after=retry)
         self._capacity()
         trunk = self._trunk(project)
         try:
@@ -217,6 +283,7 @@ class VoiceApi:
             raise ApiError(400, "invalid_input", str(exc), "to") from None
         call.control = Steering()
         self.ua.calls[call.voice_id] = call
+        self.dial_limits.placed(project.name)
         self.ua.cdr.open_call(call.voice_id, "outbound", **{"from": from_, "to": to, "trunk": trunk.name,
                               "project": project.name, "room_id": room_id, "name": name, "owner_ref": owner_ref,
                               "event_url": event_url, "call_id": call.call_id})
@@ -239,6 +306,12 @@ class VoiceApi:
         if (forwarded := await self._forward(request)) is not None:
             return forwarded
         call = self._call(voice_id, project)
+        # a call still being answered (an api number's, right after its `incoming` webhook) is bridgeable a moment
+        # later: wait for that rather than answer 409
+        loop, deadline = asyncio.get_running_loop(), asyncio.get_running_loop().time() + SETTLE_S
+        while (call.control is None or call.control.phase not in BRIDGEABLE or not call.answered.is_set()) \
+                and not call.ended.is_set() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         steer: Steering | None = call.control
         if steer is None or steer.phase not in BRIDGEABLE or not call.answered.is_set():
             phase = steer.phase if steer is not None else call.state
@@ -249,8 +322,8 @@ class VoiceApi:
             room = await asyncio.to_thread(self.rooms.create, f"Call {voice_id[:8]}", True, rooms.meeting_id_digits,
                                            rooms.pin_digits, {}, None, project.name)
             room_id = room["room_id"]
-            if isinstance(self.registry, RedisRegistry):
-                await publish_room(self.registry.redis, room)
+            if isinstance(self.services.directory, SharedDirectory):  # several workers: into Redis, PINs keyed
+                await self.services.directory.publish(room)
             log.event(logger, "room.created", room_id=room_id, project=project.name, voice_id=voice_id)
         else:
             self._room(room_id, project)
@@ -292,7 +365,7 @@ class VoiceApi:
     async def list_calls(self, request: web.Request) -> web.Response:
         project: Project = request["project"]
         raw = request.query.get("limit", "100")
-        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        if not LIMIT.fullmatch(raw) or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "invalid_input", "limit: an integer from 1 to 1000", "limit")
         active = request.query.get("active", "false").lower()
         if active not in ("true", "false"):
@@ -327,6 +400,7 @@ class VoiceApi:
         return web.json_response(OPENAPI)
 
     def routes(self, app: web.Application) -> None:
+        quiet_malformed_http()
         app.middlewares.append(self.middleware)
         app.router.add_get("/voice/v1/openapi.json", self.openapi)
         app.router.add_post("/voice/v1/room/{room_id}/join", self.dial)

@@ -119,8 +119,10 @@ class InRoom:
                 await self.v.goodbye("locked_out", "room_locked")
                 return None
             order.finish(f"room join failed: {exc}")
-            self.call.record("room_join_failed", logging.ERROR, room_id=self.room_id, error=str(exc), code=exc.code)
-            reason = "media_server_unavailable" if exc.code == "media_server_error" else "room_join_failed"
+            level = logging.WARNING if exc.code == "room_full" else logging.ERROR  # a full room is no fault of ours
+            self.call.record("room_join_failed", level, room_id=self.room_id, error=str(exc), code=exc.code)
+            reason = {"media_server_error": "media_server_unavailable", "room_full": "room_full"}.get(
+                exc.code, "room_join_failed")
             await self.v.goodbye("service_unavailable", reason, error=str(exc))
             return None
         steer = self.v.steer

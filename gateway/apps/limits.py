@@ -1,85 +1,197 @@
-"""Limits on PIN guessing: failed attempts counted per caller number and per meeting over a window.
+"""Limits on guessing meeting IDs and PINs.
 
-`AttemptLimiter` counts in this process (one worker); `RedisLimiter` counts in Redis, so a caller cannot
-get more tries by landing on another worker. Both are used through the async `Limiter` interface.
+Every attempt is reserved (counted as a failure) before the caller's digits are checked and given back when it
+succeeds, so calls at the same time cannot overrun a limit: `AttemptLimiter` does the check and the count with no
+await in between (one event loop), `RedisLimiter` in one Lua script (atomic in Redis, across workers and hosts).
+
+Counters, over `pin_failure_window_s`:
+- per source address and per caller number (within its trunk), for each step: beyond a limit the caller is refused.
+  The caller number alone proves nothing (the caller chooses it); the source address is what the network saw
+  (Kamailio's pike and fail2ban key on it too). A trunk with `trust_id_inbound` (a carrier whose one address
+  carries many callers and vouches for their numbers, as Asterisk's option of that name) is counted by number only.
+- per meeting, for PINs: a budget, never a lock (a stranger who knows a meeting ID must not lock its participants
+  out). Past the budget each PIN check waits `pin_backoff_ms`, doubling with each further failure, up to
+  `pin_backoff_max_ms`: a guesser spread over many sources is slowed, the participants still get in.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from .services import DirectoryUnavailable
+from .. import log
+from ..config import IvrConfig
+from .services import Attempt, DirectoryUnavailable, Origin
+
+logger = logging.getLogger("gateway.limits")
+STEPS = ("meeting_id", "pin")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Failures allowed per step and kind ("source", "caller"; 0 = no limit), the meeting's budget and back-off."""
+
+    per: dict[tuple[str, str], int]
+    meeting_budget: int
+    backoff: float
+    backoff_max: float
+    window: float
+
+    @classmethod
+    def from_config(cls, ivr: IvrConfig) -> Limits:
+        return cls({("pin", "caller"): ivr.pin_failures_per_caller, ("pin", "source"): ivr.pin_failures_per_source,
+                    ("meeting_id", "caller"): ivr.meeting_id_failures_per_caller,
+                    ("meeting_id", "source"): ivr.meeting_id_failures_per_source},
+                   ivr.pin_failures_per_meeting, ivr.pin_backoff_ms / 1000, ivr.pin_backoff_max_ms / 1000,
+                   float(ivr.pin_failure_window_s))
+
+    def keys(self, step: str, origin: Origin) -> list[tuple[str, str, int]]:
+        """(kind, counter, limit) of the limited counters of an attempt, source first."""
+        if step not in STEPS:
+            raise ValueError(f"unknown step {step!r}")
+        found = [("source", f"{step}:s:{origin.source}", self.per[(step, "source")])] if origin.source else []
+        return found + [("caller", f"{step}:c:{origin.caller}", self.per[(step, "caller")])]
+
+    def delay(self, meeting_failures: int) -> float:
+        """The wait before a PIN check when the meeting has this many failures (the attempt's own included)."""
+        over = meeting_failures - self.meeting_budget
+        if self.meeting_budget <= 0 or over <= 0 or self.backoff <= 0:
+            return 0.0
+        return min(self.backoff_max, self.backoff * 2 ** min(over - 1, 20))
+
+
+def meeting_key(meeting_id: str) -> str:
+    return f"pin:m:{meeting_id}"
 
 
 class AttemptLimiter:
-    def __init__(self, per_caller: int, per_meeting: int, window: float) -> None:
-        self.per_caller = per_caller
-        self.per_meeting = per_meeting
-        self.window = window
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+    """The counters in this process (one worker)."""
 
-    def _count(self, key: str, now: float) -> int:
-        q = self._failures[key]
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        if not q:
-            del self._failures[key]
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._counters: dict[str, dict[str, float]] = {}  # counter -> token -> when (insertion order = time order)
+        self._swept = clock()
+
+    def _live(self, key: str, now: float) -> int:
+        entries = self._counters.get(key)
+        if entries is None:
             return 0
-        return len(q)
+        cutoff = now - self.limits.window
+        while entries and next(iter(entries.values())) <= cutoff:
+            del entries[next(iter(entries))]
+        if not entries:
+            del self._counters[key]
+        return len(entries)
 
-    def blocked(self, caller: str, meeting_id: str, now: float) -> str | None:
-        """Which limit is reached ("caller" or "meeting"), or None while attempts are allowed."""
-        if self._count(f"c:{caller}", now) >= self.per_caller:
-            return "caller"
-        if self._count(f"m:{meeting_id}", now) >= self.per_meeting:
-            return "meeting"
-        return None
+    def take(self, step: str, origin: Origin, meeting_id: str = "") -> Attempt:
+        """Check and count in one go: nothing can run in between (no await)."""
+        now = self.clock()
+        self._sweep(now)
+        limited = self.limits.keys(step, origin)
+        for kind, key, limit in limited:
+            if limit and self._live(key, now) >= limit:
+                return Attempt(step, blocked=kind)
+        counted = [key for _, key, _ in limited] + ([meeting_key(meeting_id)] if step == "pin" and meeting_id else [])
+        token = uuid.uuid4().hex
+        for key in counted:
+            self._counters.setdefault(key, {})[token] = now
+        delay = self.limits.delay(self._live(meeting_key(meeting_id), now)) if step == "pin" and meeting_id else 0.0
+        return Attempt(step, token, tuple(counted), "", delay)
 
-    def failed(self, caller: str, meeting_id: str, now: float) -> None:
-        self._failures[f"c:{caller}"].append(now)
-        self._failures[f"m:{meeting_id}"].append(now)
+    def give_back(self, attempt: Attempt) -> None:
+        for key in attempt.keys:
+            entries = self._counters.get(key)
+            if entries is not None:
+                entries.pop(attempt.token, None)
+                if not entries:
+                    del self._counters[key]
 
-    async def check(self, caller: str, meeting_id: str) -> str | None:
-        return self.blocked(caller, meeting_id, time.monotonic())
+    def _sweep(self, now: float) -> None:
+        """Forget expired counters now and then, so numbers and addresses seen once do not pile up."""
+        if now - self._swept < min(60.0, self.limits.window):
+            return
+        self._swept = now
+        for key in list(self._counters):
+            self._live(key, now)
 
-    async def failure(self, caller: str, meeting_id: str) -> None:
-        self.failed(caller, meeting_id, time.monotonic())
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    async def reserve(self, step: str, origin: Origin, meeting_id: str = "") -> Attempt:
+        return self.take(step, origin, meeting_id)
+
+    async def release(self, attempt: Attempt) -> None:
+        self.give_back(attempt)
+
+
+# KEYS: the limited counters, then (for a PIN) the meeting's. ARGV: window (ms), token, how many KEYS are limited,
+# then their limits (0 = none). Returns {i, 0} when KEYS[i] is full (nothing counted), else {0, the meeting's count}.
+# Redis's own clock (TIME) orders the entries, so the workers' clocks need not agree.
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local limited = tonumber(ARGV[3])
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+end
+for i = 1, limited do
+  local limit = tonumber(ARGV[3 + i])
+  if limit > 0 and redis.call('ZCARD', KEYS[i]) >= limit then
+    return {i, 0}
+  end
+end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], window)
+end
+if #KEYS > limited then
+  return {0, redis.call('ZCARD', KEYS[#KEYS])}
+end
+return {0, 0}
+"""
 
 
 class RedisLimiter:
-    """The same limits over a sliding window kept in Redis sorted sets (gw:pinfail:c:CALLER, gw:pinfail:m:ID)."""
+    """The same counters in Redis sorted sets (gw:attempts:STEP:KIND:ID), shared by every worker, reserved by one
+    Lua script (check and count are atomic)."""
 
-    def __init__(self, redis: Any, per_caller: int, per_meeting: int, window: float) -> None:
+    PREFIX = "gw:attempts:"
+
+    def __init__(self, redis: Any, limits: Limits) -> None:
         self.redis = redis
-        self.limits = {"c": per_caller, "m": per_meeting}
-        self.window = window
+        self.limits = limits
+        self._reserve = redis.register_script(RESERVE)
 
-    async def check(self, caller: str, meeting_id: str) -> str | None:
-        now = time.time()
+    async def reserve(self, step: str, origin: Origin, meeting_id: str = "") -> Attempt:
+        limited = self.limits.keys(step, origin)
+        keys = [self.PREFIX + key for _, key, _ in limited]
+        if step == "pin" and meeting_id:
+            keys.append(self.PREFIX + meeting_key(meeting_id))
+        token = uuid.uuid4().hex
+        args = [int(self.limits.window * 1000), token, len(limited), *(limit for _, _, limit in limited)]
         try:
-            async with self.redis.pipeline(transaction=False) as p:
-                for kind, key in (("c", caller), ("m", meeting_id)):
-                    p.zremrangebyscore(f"gw:pinfail:{kind}:{key}", "-inf", now - self.window)
-                    p.zcard(f"gw:pinfail:{kind}:{key}")
-                _, callers, _, meetings = await p.execute()
-        except (RedisError, OSError) as exc:  # no limit check, no PIN check: the caller hears "unavailable"
+            full, count = await self._reserve(keys=keys, args=args)
+        except (RedisError, OSError) as exc:  # no limit, no check: the caller hears "unavailable"
             raise DirectoryUnavailable(f"shared PIN limiter unreachable: {exc}") from exc
-        if callers >= self.limits["c"]:
-            return "caller"
-        return "meeting" if meetings >= self.limits["m"] else None
+        if int(full):
+            return Attempt(step, blocked=limited[int(full) - 1][0])
+        return Attempt(step, token, tuple(keys), "", self.limits.delay(int(count)))
 
-    async def failure(self, caller: str, meeting_id: str) -> None:
-        now = time.time()
+    async def release(self, attempt: Attempt) -> None:
+        if not attempt.keys:
+            return
         try:
             async with self.redis.pipeline(transaction=False) as p:
-                for kind, key in (("c", caller), ("m", meeting_id)):
-                    p.zadd(f"gw:pinfail:{kind}:{key}", {uuid.uuid4().hex: now})
-                    p.expire(f"gw:pinfail:{kind}:{key}", int(self.window) + 1)
+                for key in attempt.keys:
+                    p.zrem(key, attempt.token)
                 await p.execute()
-        except (RedisError, OSError) as exc:
-            raise DirectoryUnavailable(f"shared PIN limiter unreachable: {exc}") from exc
+        except (RedisError, OSError) as exc:  # it counts until the window passes: stricter, never looser
+            log.event(logger, "limits.release_failed", logging.WARNING, step=attempt.step, error=str(exc)[:200])

@@ -2,8 +2,9 @@
 they call (implemented in `gateway.rooms`, which sits above the applications), and `Voice`, the call as a flow
 sees it (its audio, prompts in the project's voice, the API's steering).
 
-`Limiter`: PIN-guessing limits (implemented in `apps.limits`). `Directory`: `exists(meeting_id)` and `resolve(meeting_id, pin) -> (room_id, role)`; `RoomConnector.join`
-puts a call's leg into a room. Both raise their error (`DirectoryUnavailable`, `RoomError`) when they cannot.
+`Limiter`: guessing limits (implemented in `apps.limits`). `Directory`: `exists(meeting_id, project)` and
+`resolve(meeting_id, pin, project) -> (room_id, role)`; `RoomConnector.join` puts a call's leg into a room. Both
+raise their error (`DirectoryUnavailable`, `RoomError`) when they cannot.
 """
 
 from __future__ import annotations
@@ -27,19 +28,55 @@ class DirectoryUnavailable(RuntimeError):
 
 
 class Directory(Protocol):
-    async def exists(self, meeting_id: str) -> bool: ...
+    """Meeting IDs resolve within `project` (the dialled DID's); None: any project (a shared dial-in number)."""
 
-    async def resolve(self, meeting_id: str, pin: str) -> tuple[str, str] | None:
+    async def exists(self, meeting_id: str, project: str | None = None) -> bool: ...
+
+    async def resolve(self, meeting_id: str, pin: str, project: str | None = None) -> tuple[str, str] | None:
         """(room_id, role) with role "moderator" for the mpin, "participant" for the pin; None if wrong."""
         ...
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Who is guessing, as the limits count it: the source address the network saw ("" for a trunk that vouches
+    for its caller numbers) and the caller number within its trunk (chosen by the caller)."""
+
+    source: str
+    caller: str
+
+
+def call_origin(call: Call, config: Config) -> Origin:
+    """A call's `Origin`. Behind a balancer in `cluster.lb_sources` the source is its X-Gateway-Source header
+    (as `UserAgent.peer` reads it)."""
+    host = call.source.host
+    forwarded = call.invite.headers.get("x-gateway-source") if host in config.cluster.lb_sources else None
+    trunk = next((t for t in config.trunks if t.name == call.info.get("trunk")), None)
+    source = "" if trunk is not None and trunk.trust_id_inbound else (forwarded.strip() if forwarded else host)
+    caller = str(call.info.get("caller", ""))[:64]
+    return Origin(source, f"{call.info.get('trunk', '')}/{caller}")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt at a step ("meeting_id" or "pin"), counted as a failure from the moment it is reserved (so calls
+    at the same time cannot overrun a limit) until `Limiter.release` gives it back."""
+
+    step: str
+    token: str = ""
+    keys: tuple[str, ...] = ()  # the counters it was added to
+    blocked: str = ""  # "source" or "caller": refused, nothing counted
+    delay: float = 0.0  # seconds to wait before checking: the meeting's budget is spent
+
+
 class Limiter(Protocol):
-    async def check(self, caller: str, meeting_id: str) -> str | None:
-        """Which limit is reached ("caller" or "meeting"), or None while attempts are allowed."""
+    async def reserve(self, step: str, origin: Origin, meeting_id: str = "") -> Attempt:
+        """Count an attempt before the caller's digits are checked, or refuse it (`Attempt.blocked`)."""
         ...
 
-    async def failure(self, caller: str, meeting_id: str) -> None: ...
+    async def release(self, attempt: Attempt) -> None:
+        """The attempt succeeded, or was never checked: it no longer counts."""
+        ...
 
 
 class RoomError(RuntimeError):

@@ -133,6 +133,7 @@ class Call:
         self._awaiting_ack_answer = not self.invite.body
         self.dialog = Dialog.as_uas(self.invite, self.local_tag, self.ua.contact(self.source.transport), self.source.transport)
         self.ua.register_dialog(self)
+        self.media.learn()  # strict RTP: the caller learns our port now; its source is learned in the next window
         self.ua.respond(txn, response)
         self.invite_txn = None
         self.answered.set()
@@ -202,6 +203,7 @@ class Call:
             data.setdefault("rtp_sent", self.media.sent)
             data.setdefault("rtp_received", self.media.received)
             data.setdefault("rtp_lost", self.media.jitter.stats.lost)
+            data.setdefault("rtp_dropped", self.media.dropped_total)  # strict RTP: not from the call's source, or not RTP
             self.media.close()
         if self.audio is not None:
             data.setdefault("dtmf", dict(self.audio.digit_count))  # digits by source (rfc4733, info, inband)

@@ -13,8 +13,11 @@ ACK then BYE.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from ..adapters.ports import PortsExhausted
@@ -22,7 +25,7 @@ from ..adapters.rtp_session import RtpSession
 from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
 from ..sip.dialog import Dialog
-from ..sip.message import Headers, Request, Response, SipParseError, SipUri
+from ..sip.message import Headers, Request, Response, SipUri
 from ..sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
 from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
 from .call import Call, CallHost, SessionTimer
@@ -32,19 +35,91 @@ MAX_AUTH_ROUNDS = 2
 
 
 class DialError(ValueError):
-    """The destination cannot be dialled (bad URI, no route): the API answers 400/500 with it."""
+    """The destination cannot be dialled (malformed, no route): the API answers 400 with it."""
+
+
+class DestinationDenied(DialError):
+    """A well-formed destination the project may not call (a denied prefix, sip: not enabled): the API answers 403."""
+
+
+E164 = re.compile(r"\+?[0-9]{6,15}")  # ASCII digits only: str.isdigit() would also pass "١٥٥٥" and "¹"
+# sip:user@host[:port] and nothing else: no parameters (maddr=, transport=, lr), no headers (?X-Evil=1), no
+# password, no %-escapes; the user is RFC 3261 `unreserved` plus `+` (a number, an extension, a name).
+SIP_TARGET = re.compile(
+    r"sip:(?P<user>[A-Za-z0-9\-_.!~*'()+]{1,64})"
+    r"@(?P<host>[A-Za-z0-9](?:[A-Za-z0-9\-.]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::(?P<port>[0-9]{1,5}))?")
+VISUAL_SEPARATORS = re.compile(r"[-.()]")  # RFC 3966 visual separators a sip: user may carry in a number
+NUMBER = re.compile(r"\+?[0-9]+")  # a sip: user that is a number meets the prefix rules too
+
+
+@dataclass(frozen=True)
+class DialRules:
+    """Where a project may call: `allow_prefixes` / `deny_prefixes` are E.164 prefixes (`+` and digits); the
+    longest matching prefix decides; a number no prefix matches is allowed when `allow_prefixes` is empty."""
+
+    allow_sip_uri: bool = False
+    allow_prefixes: tuple[str, ...] = ()
+    deny_prefixes: tuple[str, ...] = ()
+
+    def refusal(self, digits: str) -> str | None:
+        """Why `digits` (an E.164 number without +) may not be called, or None when it may."""
+        best, denied_by = -1, ""
+        for prefix in self.allow_prefixes:
+            p = prefix.lstrip("+")
+            if digits.startswith(p) and len(p) > best:
+                best, denied_by = len(p), ""
+        for prefix in self.deny_prefixes:
+            p = prefix.lstrip("+")
+            if digits.startswith(p) and len(p) >= best:  # a deny as specific as an allow wins
+                best, denied_by = len(p), prefix
+        if denied_by:
+            return f"the destination matches the denied prefix {denied_by}"
+        if best < 0 and self.allow_prefixes:
+            return "the destination matches none of the allowed prefixes"
+        return None
+
+
+def check_destination(to: str, rules: DialRules) -> None:
+    """Raise DialError (malformed: 400) or DestinationDenied (policy: 403) for `to`, an E.164 number (ASCII,
+    optional +) or, where the project allows them, sip:user@host[:port]. Numbers in a sip: user are checked
+    against the prefix rules too."""
+    if to[:4].lower() in ("sip:", "sips"):
+        match = _sip_target(to)
+        if not rules.allow_sip_uri:
+            raise DestinationDenied("to: sip: URIs are not enabled for this project (api.allow_sip_uri): "
+                                    "dial an E.164 number")
+        number = VISUAL_SEPARATORS.sub("", match["user"])
+        digits = number.lstrip("+") if NUMBER.fullmatch(number) else ""
+    elif E164.fullmatch(to):
+        digits = to.lstrip("+")
+    else:
+        raise DialError("to: must be an E.164 number: optional +, then 6 to 15 ASCII digits (or a sip: URI)")
+    if digits and (why := rules.refusal(digits)) is not None:
+        raise DestinationDenied(f"to: {why} (api.allow_prefixes / api.deny_prefixes)")
+
+
+def _sip_target(to: str) -> re.Match[str]:
+    match = SIP_TARGET.fullmatch(to)
+    if match is None or (match["port"] and not 1 <= int(match["port"]) <= 65535):
+        raise DialError("to: a sip: URI must be sip:user@host[:port], without parameters (;...), headers (?...) "
+                        "or escapes")
+    if match["host"].startswith("["):
+        try:
+            ipaddress.IPv6Address(match["host"][1:-1])
+        except ValueError:
+            raise DialError("to: a sip: URI with a malformed IPv6 host") from None
+    return match
 
 
 def request_uri(to: str, proxy: SipUri) -> str:
-    """sip:NUMBER@proxy for an E.164 number; a SIP URI is used as given (still sent via the trunk's proxy)."""
-    if to.startswith(("sip:", "sips:")):
-        try:
-            uri = SipUri.parse(to)
-        except SipParseError as exc:
-            raise DialError(f"to: {exc}") from None
-        if uri.scheme != "sip" or not uri.host:
-            raise DialError("to: a sip: URI with a host")
-        return str(uri)
+    """sip:NUMBER@proxy for an E.164 number; sip:user@host[:port] as given (still sent via the trunk's proxy).
+    Anything else (parameters, headers, non-ASCII digits) raises DialError: nothing reaches the trunk unchecked."""
+    if to[:4].lower() in ("sip:", "sips"):
+        _sip_target(to)
+        return to
+    if not E164.fullmatch(to):
+        raise DialError("to: an E.164 number (ASCII digits, optional +) or sip:user@host[:port]")
     port = f":{proxy.port}" if proxy.port else ""
     return f"sip:{to}@{proxy.host}{port}"
 
@@ -57,6 +132,8 @@ class OutboundCall(Call):
         out = via.outbound
         self.proxy = SipUri.parse(out.proxy)
         self.ruri = request_uri(dial_to, self.proxy)
+        if not E164.fullmatch(dial_from):
+            raise DialError("from: an E.164 number (ASCII digits, optional +)")
         transport = self.proxy.transport if self.proxy.transport in ("udp", "tcp") else "udp"
         target = Target(transport, self.proxy.host, self.proxy.port or 5060)
         super().__init__(ua, Request("INVITE", self.ruri), None, target, **info)  # type: ignore[arg-type]
@@ -79,7 +156,8 @@ class OutboundCall(Call):
         cfg = self.ua.config.rtp
         codec = cfg.codecs[0]
         params = MediaParams(self.source.host, 0, codec, 0 if codec == "PCMU" else 8, cfg.telephone_event_pt, "sendrecv")
-        media = RtpSession(self.ua.clock, self.ua.ports, params, (cfg.jitter_min_ms, cfg.jitter_max_ms))
+        media = RtpSession(self.ua.clock, self.ua.ports, params, (cfg.jitter_min_ms, cfg.jitter_max_ms),
+                           (cfg.strict_learning_ms, cfg.strict_learning_packets))
         try:
             await media.open(self.ua.media_host)
         except (OSError, PortsExhausted) as exc:

@@ -1,7 +1,8 @@
 """The worker's user agent: admits inbound calls (trunks, DIDs, limits), dispatches SIP events to calls.
 
-Admission of an INVITE, in order: capacity (503), trunk allow-list or digest (401/403), Request-URI
-scheme (416), Require (420), body type (415), DID (404), session interval (422), SDP (488), RTP port (503).
+Admission of an INVITE, in order: capacity (503), trunk allow-list or digest (401/403; 400 when the
+digest `uri` is not the Request-URI), Request-URI scheme (416), Require (420), body type (415), DID (404),
+session interval (422), SDP (488), RTP port (503).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..adapters.sip_transport import SipTransport
 from ..config import Config, DidConfig, TrunkConfig
 from ..media.dtmf import parse_info
 from ..sip.auth import DigestServer
-from ..sip.message import KNOWN_METHODS, Request, Response, make_response
+from ..sip.message import KNOWN_METHODS, Request, Response, SipParseError, SipUri, make_response
 from ..sip.sdp import MediaParams, SdpError
 from ..sip.transaction import (
     ALLOW,
@@ -47,6 +48,7 @@ logger = logging.getLogger("gateway.ua")
 App = Callable[[Call], Awaitable[None]]
 AUTH_FAILURE_LIMIT = 10  # failed digest attempts per source address ...
 AUTH_FAILURE_WINDOW = 60.0  # ... per this many seconds, then 403 without a challenge
+AUTH_FAILURE_SOURCES = 10_000  # addresses whose failures are remembered at most (the oldest are forgotten)
 
 
 class UserAgent:
@@ -62,7 +64,8 @@ class UserAgent:
         self.dialogs: dict[tuple[str, str, str], Call] = {}
         self.pending: dict[int, Call] = {}  # id(invite txn) -> call not yet answered
         self.digest = DigestServer(realm=config.trunks[0].realm if config.trunks else "gateway",
-                                   algorithms=tuple(config.sip.digest_algorithms))
+                                   algorithms=tuple(config.sip.digest_algorithms),
+                                   lifetime=float(config.sip.digest_nonce_lifetime_s))
         self._auth_failures: dict[str, list[float]] = {}
         self.accepting = True
         self.allow = ALLOW
@@ -74,6 +77,9 @@ class UserAgent:
         self.refused: Counter[str] = Counter()  # INVITEs refused at admission, by reason (metrics)
         self.overloaded: Callable[[], bool] = lambda: False  # the worker's CPU check
         self.lb_sources = set(config.cluster.lb_sources)  # a balancer in front: its X-Gateway-Source is trusted
+        self._trunk_networks = [net for t in config.trunks for net in t.networks()]
+        self._proxies = {p for t in config.trunks if t.outbound for p in [_literal_host(t.outbound.proxy)] if p}
+        self._trusted_cache: dict[str, bool] = {}
 
     def on_call_event(self, call: Call, state: str, data: dict[str, object]) -> None:
         if self.listener is not None:
@@ -83,7 +89,7 @@ class UserAgent:
                 logger.exception("call.listener_failed", extra={"fields": {"voice_id": call.voice_id}})
 
     async def start(self) -> None:
-        self.transport = SipTransport(self.stack, self._drain_events)
+        self.transport = SipTransport(self.stack, self._drain_events, self.config.sip, self.trusted_source)
         sip = self.config.sip
         await self.transport.start(sip.host, sip.port, sip.transports)
 
@@ -155,7 +161,10 @@ class UserAgent:
 
     def _handle(self, ev: object) -> None:
         if isinstance(ev, RequestReceived):
-            self._on_request(ev.request, ev.transaction, ev.source)
+            try:
+                self._on_request(ev.request, ev.transaction, ev.source)
+            except SipParseError as e:  # a header parsed lazily, on first use, was malformed
+                self._refuse_malformed(ev.request, ev.transaction, ev.source, str(e))
         elif isinstance(ev, CancelReceived):
             call = self.pending.get(id(ev.invite))
             if call is not None:
@@ -175,6 +184,17 @@ class UserAgent:
         elif isinstance(ev, MalformedMessage):
             log.event(logger, "sip.malformed", logging.WARNING, source=f"{ev.source.host}:{ev.source.port}",
                       reason=ev.reason, answered=ev.answered)
+
+    def _refuse_malformed(self, request: Request, txn: ServerTransaction | None, source: Target, reason: str) -> None:
+        answered = None
+        if txn is not None and (txn.last_response is None or txn.last_response.status < 200):
+            try:
+                self.respond(txn, make_response(request, 400, "Bad Request"))
+                answered = 400
+            except SipParseError:
+                pass  # not even a response can be built from it: dropped
+        log.event(logger, "sip.malformed", logging.WARNING, source=f"{source.host}:{source.port}", reason=reason,
+                  answered=answered)
 
     def _dialog_key_from_invite(self, invite: Request) -> tuple[str, str, str]:
         for call in self.calls.values():
@@ -257,38 +277,65 @@ class UserAgent:
         r.headers.add("Supported", "timer")
         self.respond(txn, r)
 
+    def trusted_source(self, host: str) -> bool:
+        """Whether the flood limits leave `host` alone: a trunk's allow-list, a registrar or outbound proxy
+        of ours, or the balancer in front (Kamailio's advice for pike: never limit trusted peers). O(1)."""
+        if host in self.lb_sources or host in self.trusted_sources or host in self._proxies:
+            return True
+        known = self._trusted_cache.get(host)
+        if known is None:
+            try:
+                addr = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            known = any(addr in net for net in self._trunk_networks)
+            if len(self._trusted_cache) >= 4096:
+                self._trusted_cache.clear()
+            self._trusted_cache[host] = known
+        return known
+
     # -- admission of new calls
     def peer(self, request: Request, source: Target) -> str:
         """The caller's address: the packet's source, or what the balancer in front says it was."""
         forwarded = request.headers.get("x-gateway-source") if source.host in self.lb_sources else None
         return forwarded.strip() if forwarded else source.host
 
-    def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int]:
-        """The trunk a call comes from, or (None, status): 401 (challenge sent) or 403."""
+    def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int, str]:
+        """The trunk a call comes from, or (None, status, why): 401 (challenge; why "stale" when the
+        credentials were right but the nonce may not be used again), 400 (digest uri is not the
+        Request-URI) or 403."""
         host = self.peer(request, source)
         try:
             addr = ipaddress.ip_address(host)
         except ValueError:
-            return None, 403
+            return None, 403, ""
         for trunk in self.config.trunks:
             if any(addr in net for net in trunk.networks()):
-                return trunk, 0
+                return trunk, 0, ""
         if host in self.trusted_sources:
-            return self.trusted_sources[host], 0
+            return self.trusted_sources[host], 0, ""
         users = {t.username: t for t in self.config.trunks if t.username}
         if not users:
-            return None, 403
-        failures = [t for t in self._auth_failures.get(host, []) if t > time.time() - AUTH_FAILURE_WINDOW]
-        self._auth_failures[host] = failures
+            return None, 403, ""
+        now = time.time()
+        failures = [t for t in self._auth_failures.pop(host, []) if t > now - AUTH_FAILURE_WINDOW]
+        if failures:  # kept only while failures are recent, and for AUTH_FAILURE_SOURCES addresses at most
+            self._auth_failures[host] = failures
         if len(failures) >= AUTH_FAILURE_LIMIT:
-            return None, 403
+            return None, 403, ""
         authorization = request.headers.get("authorization")
-        if authorization:
-            user = self.digest.verify(authorization, request.method, {u: t.password for u, t in users.items()})
-            if user is not None:
-                return users[user], 0
-            failures.append(time.time())
-        return None, 401
+        if not authorization:
+            return None, 401, ""
+        result = self.digest.check(authorization, request.method, {u: t.password for u, t in users.items()},
+                                   source=host, request_uri=request.uri)
+        if result.user is not None:
+            return users[result.user], 0, ""
+        if not result.stale:
+            failures.append(now)
+            self._auth_failures[host] = failures
+            if len(self._auth_failures) > AUTH_FAILURE_SOURCES:
+                del self._auth_failures[next(iter(self._auth_failures))]
+        return None, result.status, "stale" if result.stale else result.reason
 
     def _reject(self, request: Request, txn: ServerInviteTransaction, status: int, reason: str = "", **extra: str) -> None:
         r = make_response(request, status, reason, to_tag=new_tag())
@@ -306,16 +353,21 @@ class UserAgent:
             self.refused[busy] += 1
             log.event(logger, "call.refused", logging.WARNING, reason=busy, **fields)
             return
-        trunk, status = self._trunk_for(request, source)
+        trunk, status, why = self._trunk_for(request, source)
         if trunk is None:
             if status == 401:
                 r = make_response(request, 401, to_tag=new_tag())
-                for challenge in self.digest.challenges():
+                for challenge in self.digest.challenges(source=self.peer(request, source), stale=why == "stale"):
                     r.headers.add("WWW-Authenticate", challenge)
                 self.respond(txn, r)
-                failed = "authorization" in request.headers
+                failed = "authorization" in request.headers and why != "stale"
                 log.event(logger, "call.auth_failed" if failed else "call.challenged",
-                          logging.WARNING if failed else logging.INFO, **fields)
+                          logging.WARNING if failed else logging.INFO, **({"why": why} if why else {}), **fields)
+            elif status == 400:
+                self._reject(request, txn, 400, "Bad Request",
+                             Warning='399 gateway "the digest uri is not the Request-URI"')
+                self.refused["auth_failed"] += 1
+                log.event(logger, "call.auth_failed", logging.WARNING, why=why, **fields)
             else:
                 self._reject(request, txn, 403, "Forbidden")
                 self.refused["source_not_allowed"] += 1
@@ -375,7 +427,9 @@ class UserAgent:
         call.task = asyncio.get_running_loop().create_task(self._run_call(call, params, did))
 
     async def _run_call(self, call: Call, params: MediaParams, did: DidConfig) -> None:
-        media = RtpSession(self.clock, self.ports, params, (self.config.rtp.jitter_min_ms, self.config.rtp.jitter_max_ms))
+        rtp = self.config.rtp
+        media = RtpSession(self.clock, self.ports, params, (rtp.jitter_min_ms, rtp.jitter_max_ms),
+                           (rtp.strict_learning_ms, rtp.strict_learning_packets))
         try:
             await media.open(self.media_host)
         except (OSError, PortsExhausted) as exc:
@@ -412,3 +466,13 @@ class UserAgent:
         digit = parse_info(request.content_type, request.body)
         if digit is not None and call.audio is not None:
             call.audio.digit(digit, "info")
+
+
+def _literal_host(uri: str) -> str:
+    """The host of a sip: URI when it is an IP address (a name resolves later, per call), else ""."""
+    try:
+        host = SipUri.parse(uri).host
+        ipaddress.ip_address(host)
+    except ValueError:  # SipParseError is one
+        return ""
+    return host

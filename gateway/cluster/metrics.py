@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..api.webhooks import Notifier
     from ..calls.call import Call
     from ..calls.ua import UserAgent
+    from .registry import CallRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,12 +50,33 @@ class _Live(Collector):
         for reason, count in sorted(m.ua.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+        dropped = CounterMetricFamily(
+            "gateway_rtp_dropped", "RTP packets dropped by strict RTP, by reason: source (not the call's learned "
+            "address+port), ssrc (a source on probation switched SSRC), malformed (not RTP)", labels=["reason"])
+        for reason in ("source", "ssrc", "malformed"):
+            dropped.add_metric([reason], m.ua.ports.dropped[reason])
+        yield dropped
         n = m.notifier
         yield CounterMetricFamily("gateway_webhook_deliveries", "Webhook events delivered", value=n.delivered)
         yield CounterMetricFamily("gateway_webhook_failures", "Webhook delivery attempts that failed", value=n.failures)
         yield CounterMetricFamily("gateway_webhook_expired", "Webhook events given up after webhooks.max_age_s",
                                   value=n.expired)
         yield GaugeMetricFamily("gateway_webhook_queued", "Webhook events waiting", value=sum(len(q) for q in n.lanes.values()))
+        cdr = m.ua.cdr.status()
+        yield GaugeMetricFamily("gateway_cdr_writable", "1 while the CDR store takes writes (0: disk full, read-only, "
+                                "I/O errors; events wait in memory)", value=int(cdr["ok"]))
+        yield GaugeMetricFamily("gateway_cdr_buffered", "CDR entries waiting in memory for the disk", value=cdr["buffered"])
+        yield CounterMetricFamily("gateway_cdr_write_failures", "CDR write attempts the disk refused (each retried)",
+                                  value=cdr["write_failures"])
+        yield CounterMetricFamily("gateway_cdr_dropped", "CDR entries given up beyond the in-memory bound",
+                                  value=cdr["dropped"])
+        if m.call_registry is not None:
+            reg = m.call_registry.status()
+            yield GaugeMetricFamily("gateway_registry_connected", "1 while the shared registry (Redis) answers",
+                                    value=int(reg["connected"]))
+            yield CounterMetricFamily("gateway_registry_errors", "Failed registry operations (Redis)", value=reg["errors"])
+            yield CounterMetricFamily("gateway_registry_dropped_writes", "Registry writes not sent while Redis was away "
+                                      "(republished when it is back)", value=reg["dropped"])
         yield GaugeMetricFamily("gateway_workers", "Workers alive in the cluster (this one included)", value=m.workers())
         yield GaugeMetricFamily("gateway_accepting", "1 while this worker takes new calls", value=int(m.ua.accepting))
         yield GaugeMetricFamily("gateway_cpu_percent", "This worker's CPU use over the last 2 s (% of one core)",
@@ -62,8 +84,10 @@ class _Live(Collector):
 
 
 class Metrics:
-    def __init__(self, ua: UserAgent, notifier: Notifier, workers: Callable[[], int], cpu: Callable[[], float]) -> None:
+    def __init__(self, ua: UserAgent, notifier: Notifier, workers: Callable[[], int], cpu: Callable[[], float],
+                 registry: CallRegistry | None = None) -> None:
         self.ua = ua
+        self.call_registry = registry
         self.notifier = notifier
         self.workers = workers
         self.cpu_percent = cpu

@@ -8,6 +8,12 @@ Keys (all under `gw:`):
 
 Writes come from the event loop through one queue and one writer task, so the loop never waits on Redis and
 a call's updates stay in order. A single worker uses `LocalRegistry` (no Redis).
+
+Redis going away never touches a call: the registry keeps its own copy of what it published (the calls this
+worker holds), drops the writes it cannot send (one warning, `registry.unavailable`; counted), answers
+`owner()` with "here" at once instead of waiting on a dead socket, and probes Redis with its heartbeat every
+2 s. When Redis answers again (or answers without our keys: it was restarted, or flushed) it publishes the
+whole copy again and removes what it published of calls that ended meanwhile (`registry.recovered`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import os
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .. import log
@@ -35,6 +44,8 @@ class CallRegistry(Protocol):
     def ended(self, voice_id: str) -> None: ...
 
     def set_state(self, state: str, calls: int) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
     async def owner(self, voice_id: str) -> str | None:
         """The API URL of the worker holding `voice_id`, when it is another worker."""
@@ -63,6 +74,9 @@ class LocalRegistry:
     def set_state(self, state: str, calls: int) -> None:
         return None
 
+    def status(self) -> dict[str, Any]:
+        return {"connected": True, "calls": 0, "errors": 0, "dropped": 0, "recoveries": 0}
+
     async def owner(self, voice_id: str) -> str | None:
         return None
 
@@ -73,40 +87,93 @@ class LocalRegistry:
         return None
 
 
+def client(url: str) -> Any:
+    """A Redis client for a worker (the registry's, shared with the directory and the PIN limiter): short timeouts,
+    and one immediate retry on a connection error, so a pooled connection that a Redis restart broke is replaced
+    transparently instead of failing the first command that picks it (a dead Redis still fails at once)."""
+    return aioredis.from_url(url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2,
+                             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+
+
 class RedisRegistry:
     def __init__(self, url: str, worker: str, api_url: str, sip: str) -> None:
-        self.redis: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
+        self.redis: Any = client(url)
         self.worker = worker
         self.info = {"api_url": api_url, "sip": sip, "pid": str(os.getpid()), "state": "up", "calls": "0"}
         self.queue: asyncio.Queue[tuple[str, str, dict[str, str]]] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
-        self.errors = 0
+        self.live: dict[str, dict[str, str]] = {}  # what we published of the calls we hold (republished on recovery)
+        self.connected = False
+        self.errors = 0  # failed Redis operations
+        self.dropped = 0  # writes not sent while Redis was away (the republish covers them)
+        self.recoveries = 0
+        self._changes = 0  # calls updated or ended (a resync repeats a pass that saw one)
 
     async def start(self) -> None:
         await self._heartbeat_once()  # fails loudly at start if Redis is not there
+        self.connected = True
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._writer()), loop.create_task(self._heartbeat())]
         log.event(logger, "registry.connected", worker=self.worker)
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self) -> bool:
+        """Refresh our worker key; True when Redis had it (False: it expired, or Redis lost it: restarted)."""
         key = f"gw:worker:{self.worker}"
         async with self.redis.pipeline(transaction=False) as p:
+            p.exists(key)
             p.hset(key, mapping=self.info)
             p.expire(key, WORKER_TTL_S)
             p.sadd("gw:workers", self.worker)
-            await p.execute()
+            had = (await p.execute())[0]
+        return bool(had)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             try:
-                await self._heartbeat_once()
+                had = await self._heartbeat_once()
+                if not self.connected or not had:
+                    await self._resync("reconnected" if not self.connected else "keys_lost")
             except (RedisError, OSError) as exc:
                 self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
-        log.event(logger, "registry.error", logging.WARNING, worker=self.worker, error=str(exc)[:200])
+        if self.connected:
+            self.connected = False
+            log.event(logger, "registry.unavailable", logging.WARNING, worker=self.worker, error=str(exc)[:200],
+                      calls=len(self.live))
+        while not self.queue.empty():  # republished from `live` on recovery
+            self.queue.get_nowait()
+            self.dropped += 1
+
+    async def _resync(self, why: str) -> None:
+        """Publish every call we hold again; remove the entries of calls that ended while Redis was away. Writes
+        stay off meanwhile (the copy is what counts), and a pass is repeated if a call changed during it."""
+        self.connected = False
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        members = f"gw:worker:{self.worker}:calls"
+        for _ in range(3):
+            mark = self._changes
+            live = {voice_id: dict(fields) for voice_id, fields in self.live.items()}
+            stale = set(await self.redis.smembers(members)) - set(live)
+            async with self.redis.pipeline(transaction=False) as p:
+                for voice_id, fields in live.items():
+                    p.hset(f"gw:call:{voice_id}", mapping={"worker": self.worker, **fields})
+                if live:
+                    p.sadd(members, *live)
+                for voice_id in stale:
+                    p.delete(f"gw:call:{voice_id}")
+                if stale:
+                    p.srem(members, *stale)
+                await p.execute()
+            if self._changes == mark:
+                break
+        self.connected = True
+        self.recoveries += 1
+        log.event(logger, "registry.recovered", logging.WARNING, worker=self.worker, why=why, calls=len(live),
+                  removed=len(stale), dropped_writes=self.dropped)
 
     async def _writer(self) -> None:
         while True:
@@ -114,6 +181,9 @@ class RedisRegistry:
             batch = [(kind, voice_id, fields)]
             while not self.queue.empty() and len(batch) < 200:
                 batch.append(self.queue.get_nowait())
+            if not self.connected:
+                self.dropped += len(batch)
+                continue
             try:
                 async with self.redis.pipeline(transaction=False) as p:
                     for kind, voice_id, fields in batch:
@@ -126,18 +196,35 @@ class RedisRegistry:
                             p.srem(f"gw:worker:{self.worker}:calls", voice_id)
                     await p.execute()
             except (RedisError, OSError) as exc:
+                self.dropped += len(batch)
                 self._failed(exc)
 
     def update(self, voice_id: str, **fields: str) -> None:
-        self.queue.put_nowait(("update", voice_id, fields))
+        self.live.setdefault(voice_id, {}).update(fields)
+        self._changes += 1
+        if self.connected:
+            self.queue.put_nowait(("update", voice_id, fields))
+        else:
+            self.dropped += 1
 
     def ended(self, voice_id: str) -> None:
-        self.queue.put_nowait(("ended", voice_id, {}))
+        self.live.pop(voice_id, None)
+        self._changes += 1
+        if self.connected:
+            self.queue.put_nowait(("ended", voice_id, {}))
+        else:
+            self.dropped += 1
 
     def set_state(self, state: str, calls: int) -> None:
         self.info["state"], self.info["calls"] = state, str(calls)
 
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.connected, "calls": len(self.live), "errors": self.errors, "dropped": self.dropped,
+                "recoveries": self.recoveries}
+
     async def owner(self, voice_id: str) -> str | None:
+        if not self.connected:  # no waiting on a dead socket: the call is looked for here
+            return None
         try:
             worker = await self.redis.hget(f"gw:call:{voice_id}", "worker")
             if worker is None or worker == self.worker:
@@ -155,13 +242,14 @@ class RedisRegistry:
         for task in self.tasks:
             task.cancel()
         try:
-            while not self.queue.empty():  # what is still queued (the calls ended at shutdown)
-                kind, voice_id, fields = self.queue.get_nowait()
-                if kind == "ended":
-                    await self.redis.delete(f"gw:call:{voice_id}")
-                    await self.redis.srem(f"gw:worker:{self.worker}:calls", voice_id)
-            await self.redis.delete(f"gw:worker:{self.worker}")
-            await self.redis.srem("gw:workers", self.worker)
+            if self.connected:
+                while not self.queue.empty():  # what is still queued (the calls ended at shutdown)
+                    kind, voice_id, fields = self.queue.get_nowait()
+                    if kind == "ended":
+                        await self.redis.delete(f"gw:call:{voice_id}")
+                        await self.redis.srem(f"gw:worker:{self.worker}:calls", voice_id)
+                await self.redis.delete(f"gw:worker:{self.worker}")
+                await self.redis.srem("gw:workers", self.worker)
         except (RedisError, OSError) as exc:
             self._failed(exc)
         await self.redis.aclose()

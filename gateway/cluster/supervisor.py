@@ -13,6 +13,13 @@ once a second, it reads every worker's /healthz and:
   cluster.scale_up_rate, another worker is started (up to cluster.max_workers); an added worker idle for
   cluster.scale_idle_s is drained. Each of these posts an alarm event to cluster.alarm_url.
 
+Its helpers (Redis, the room service, Kamailio) are kept running (`KeptProcess`): one that exits is started
+again after 1 s (doubling to 30 s while it keeps failing within 10 s of its start), with an error line and a
+`helper_lost` alarm. A restarted Redis is empty: each worker publishes its calls again (cluster.registry). A
+restarted room service has forgotten its rooms: the phones it had are ended with a notice (`room_disconnected`,
+rooms.connector) and callers can dial in again at once. The single-process `gateway run` keeps its room service
+the same way.
+
 SIGTERM drains every worker (calls finish, up to cluster.drain_timeout_s) and then stops the rest;
 SIGINT stops at once.
 """
@@ -27,13 +34,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from .. import log
 from ..api.webhooks import encode, lost_call_event
@@ -42,12 +50,14 @@ from ..store import cdr
 from ..store.cdr import CdrStore
 from ..store.projects import ProjectStore
 from .janus import JanusProcess, JanusSecrets, supervise_janus
-from .registry import forget_worker, sweep_expired
+from .registry import client, forget_worker, sweep_expired
 
 logger = logging.getLogger("gateway.supervisor")
 TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "kamailio" / "kamailio.cfg.tmpl"
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"
 RESTART_DELAY_S = 1.0
+HELPER_MAX_DELAY_S = 30.0  # a helper that keeps dying within HELPER_STABLE_S of its start waits this long at most
+HELPER_STABLE_S = 10.0
 HUNG_AFTER_S = 10.0  # a worker whose /healthz has not answered for this long is killed (then handled as lost)
 SCALE_COOLDOWN_S = 10.0
 
@@ -81,6 +91,99 @@ def die_with_parent() -> None:
         pass
 
 
+class KeptProcess:
+    """A helper process kept running: started now, started again whenever it exits until `terminate()` or
+    `kill()`, after RESTART_DELAY_S (doubling up to HELPER_MAX_DELAY_S while it keeps dying within
+    HELPER_STABLE_S of its start). A thread waits on it (the single-process `gateway run` has its event loop busy
+    with the worker); `on_exit(name, code)` is called from that thread. It answers as a `subprocess.Popen` does
+    (pid, poll, terminate, wait, kill), so an owner can hold it where it held a Popen; `poll()` is None until it
+    is terminated (between a crash and its restart it still counts as running). `group`: the helper forks
+    children of its own (Kamailio): it runs in a process group of its own, and whatever is left of the group when
+    its first process exits is killed (else they keep its ports and its successor cannot start)."""
+
+    def __init__(self, name: str, cmd: list[str], logfile: Path | None = None, env: dict[str, str] | None = None,
+                 on_exit: Callable[[str, int], None] | None = None, group: bool = False) -> None:
+        self.name, self.cmd, self.env, self.on_exit, self.group = name, cmd, env, on_exit, group
+        self.logfile = logfile
+        self.restarts = 0
+        self._out: IO[bytes] | None = logfile.open("ab") if logfile else None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._proc = self._start()
+        self._thread = threading.Thread(target=self._watch, name=f"keep-{name}", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        # started by the thread that waits on it: PR_SET_PDEATHSIG follows the creating thread, which lives
+        # as long as the child does (the first start: the owner's thread)
+        return subprocess.Popen(self.cmd, stdout=self._out, stderr=subprocess.STDOUT if self._out else None,
+                                env=self.env, preexec_fn=die_with_parent, start_new_session=self.group)
+
+    def _signal(self, proc: subprocess.Popen[bytes], sig: int) -> None:
+        """`sig` to the helper (its whole group when it has one; what is left of it after its first process died)."""
+        try:
+            if self.group:
+                os.killpg(proc.pid, sig)
+            elif proc.poll() is None:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _watch(self) -> None:
+        delay = RESTART_DELAY_S
+        while True:
+            proc, started = self._proc, time.monotonic()
+            code = proc.wait()
+            self._signal(proc, signal.SIGKILL)  # its orphans (a group's): none may outlive it
+            if self._stop.is_set():
+                return
+            delay = RESTART_DELAY_S if time.monotonic() - started > HELPER_STABLE_S else min(HELPER_MAX_DELAY_S,
+                                                                                               delay * 2)
+            log.event(logger, "supervisor.helper_exited", logging.ERROR, helper=self.name, pid=proc.pid, code=code,
+                      restart_in_s=delay)
+            if self.on_exit is not None:
+                try:
+                    self.on_exit(self.name, code)
+                except Exception:  # noqa: BLE001 - the restart matters more than the report
+                    logger.exception("supervisor.helper_report_failed")
+            if self._stop.wait(delay):
+                return
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._proc = self._start()
+            self.restarts += 1
+            log.event(logger, "supervisor.helper_restarted", logging.WARNING, helper=self.name, pid=self._proc.pid,
+                      restarts=self.restarts)
+
+    def poll(self) -> int | None:
+        return self._proc.poll() if self._stop.is_set() else None
+
+    def terminate(self) -> None:
+        with self._lock:
+            self._stop.set()
+            if self._proc.poll() is None:
+                self._signal(self._proc, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with self._lock:
+            self._stop.set()
+            self._signal(self._proc, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """After terminate()/kill(): the exit code (subprocess.TimeoutExpired after `timeout` seconds)."""
+        code = self._proc.wait(timeout)
+        self._signal(self._proc, signal.SIGKILL)  # what the group left behind
+        self._thread.join(timeout)
+        if self._out is not None:
+            self._out.close()
+        return code
+
+
 def kamailio_files(config: Config, slots: list[Slot], run_dir: Path) -> tuple[str, str]:
     """(kamailio.cfg, dispatcher.list) for the workers in `slots`."""
     sip = config.sip
@@ -110,7 +213,7 @@ class Supervisor:
         self.slots = [Slot(i, cl.worker_sip_port + i, config.http.port + i, (lo + i * width, lo + (i + 1) * width - 2))
                       for i in range(cl.max_workers)]
         self.redis_url = cl.redis_url or f"redis://127.0.0.1:{cl.redis_port}/0"
-        self.helpers: dict[str, subprocess.Popen[bytes]] = {}
+        self.helpers: dict[str, KeptProcess] = {}
         self.stopping = False
         self.cdr: CdrStore | None = None
         self.redis: Any = None
@@ -124,13 +227,22 @@ class Supervisor:
 
     # -- helpers: redis-server, the room service, kamailio
     def _spawn(self, name: str, cmd: list[str], logfile: Path | None = None,
-               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = logfile.open("ab") if logfile else None
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=env,
-                                preexec_fn=die_with_parent)
+               env: dict[str, str] | None = None, group: bool = False) -> KeptProcess:
+        loop = asyncio.get_running_loop()
+
+        def exited(helper: str, code: int) -> None:  # from the helper's watcher thread
+            if not self.stopping:
+                loop.call_soon_threadsafe(self._helper_lost, helper, code)
+
+        proc = KeptProcess(name, cmd, logfile, env, on_exit=exited, group=group)
         self.helpers[name] = proc
         log.event(logger, "supervisor.helper_started", helper=name, pid=proc.pid, log=str(logfile or "-"))
         return proc
+
+    def _helper_lost(self, helper: str, code: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.alarm("helper_lost", "", helper=helper,
+                                                                 reason=f"exit code {code}"))
+        self._tasks.append(task)
 
     async def _wait_for(self, what: str, check: Any, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -147,7 +259,7 @@ class Supervisor:
             port = str(self.config.cluster.redis_port)
             self._spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly",
                                   "no", "--daemonize", "no", "--dir", str(self.run_dir)], self.run_dir / "redis.log")
-        self.redis = aioredis.from_url(self.redis_url, decode_responses=True, socket_timeout=2)
+        self.redis = client(self.redis_url)
 
         async def pong() -> bool:
             try:
@@ -176,7 +288,7 @@ class Supervisor:
         self._write_kamailio()
         cmd = ["kamailio", "-DD", "-E", "-f", str(self.run_dir / "kamailio.cfg"), "-Y", str(self.run_dir),
                "-P", str(self.run_dir / "kamailio.pid"), "-w", str(self.run_dir), "-m", "64", "-M", "8"]
-        self._spawn("kamailio", cmd, self.run_dir / "kamailio.log")
+        self._spawn("kamailio", cmd, self.run_dir / "kamailio.log", group=True)  # it forks its workers
 
         async def answers() -> bool:
             return self._kamcmd("core.version") is not None
@@ -290,7 +402,8 @@ class Supervisor:
                 if call is None or project is None:
                     continue
                 initiated: dict[str, Any] = next((e for e in call["events"] if e["state"] == "initiated"), {})
-                url = initiated.get("event_url") or project.notification_url
+                # the outbox keeps the call's URL whole (the CDR event has it without credentials)
+                url = self.cdr.webhook_url(voice_id) or initiated.get("event_url") or project.notification_url
                 if not url:
                     continue
                 event_id, body = encode(lost_call_event(call))

@@ -140,10 +140,11 @@ class JanusLeg:
         await self.socket.open(c.media_host)
         session = await c.session(self.server)
         self.handle = await session.attach(audiobridge.PLUGIN)
-        joined = await audiobridge.join_rtp(
+        me: dict[str, Any] = next((p for p in self.state.get("participants", []) if p.get("id") == self.participant_id), {})
+        joined = await audiobridge.join_rtp(  # muted from the start when the room says so (a mute-all before us)
             self.handle, room, name, self.codec.lower(),
             audiobridge.RtpEndpoint(c.media_host, self.socket.port, PAYLOAD_TYPES[self.codec]),
-            timeout=JOIN_TIMEOUT_S)
+            muted=bool(me.get("muted")), timeout=JOIN_TIMEOUT_S)
         self.janus_id = joined.id
         self.socket.peer = (joined.janus.ip, joined.janus.port)
         await self.ws.send_json({"type": "rtp_joined", "janus_id": self.janus_id})
@@ -200,6 +201,12 @@ class JanusRoomConnector:
         for leg in list(self.legs):
             if leg.server == url:
                 leg.end({"type": "media_server_lost"})
+
+    def stats(self) -> dict[str, int]:
+        """For /healthz (leak checks): legs in rooms, live Janus sessions, and the handles they hold."""
+        sessions = [t.result() for t in self._sessions.values()
+                    if t.done() and not t.cancelled() and t.exception() is None and not t.result().lost.is_set()]
+        return {"legs": len(self.legs), "sessions": len(sessions), "handles": sum(len(s.handles) for s in sessions)}
 
     async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
                    codec: str = "PCMU") -> JanusLeg:

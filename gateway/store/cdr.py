@@ -2,6 +2,16 @@
 
 Writes go through one writer thread, so the event loop never waits on the disk; reads open their own
 connection (the CLI and the API read while the worker writes).
+
+A disk that refuses writes (full, read-only, an I/O error, another process holding the lock too long) never
+stops the calls: the writer keeps what it could not write in memory, in order, retries (0.5 s doubling to
+5 s) and catches up once the disk takes writes again. While it fails, `status()` says so (the worker turns it
+into an alarm: an error log line, metrics, `cluster.alarm_url`); beyond `max_buffered` entries, intermediate
+call events are dropped first (counted), then anything: a call's opening and closing rows and the webhook
+outbox are kept longest.
+
+URLs in call events (`event_url`) are stored without their credentials (`user:password@`); only the
+webhook outbox keeps a URL whole, since it must deliver to it.
 """
 
 from __future__ import annotations
@@ -12,8 +22,13 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .. import log
+from .secure import private_sqlite
 
 logger = logging.getLogger("gateway.cdr")
 
@@ -52,11 +67,26 @@ CREATE INDEX IF NOT EXISTS calls_started ON calls(started_at);
 """
 
 FINAL = "disconnected"
+MAX_BUFFERED = 50_000  # entries held in memory while the disk refuses writes (then the least important go)
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0  # a failed write is tried again after this, doubling
+STILL_FAILING_LOG_S = 60.0  # while failing, one error line this often
+BATCH = 500
+Entry = tuple[str, tuple[Any, ...]]
+
+
+def strip_credentials(url: str) -> str:
+    """`url` without `user:password@` (what the CDR, the API and logs may show of a webhook URL)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.rpartition("@")[2] if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    db = private_sqlite(path)  # 0700 directory, 0600 files (issue 11)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
@@ -64,13 +94,29 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class CdrStore:
-    def __init__(self, data_dir: Path | str, worker: str = "w1") -> None:
+    def __init__(self, data_dir: Path | str, worker: str = "w1", max_buffered: int = MAX_BUFFERED) -> None:
         self.path = Path(data_dir) / "cdr.sqlite"
         self.worker = worker
+        self.max_buffered = max_buffered
         self._db = connect(self.path)
-        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._queue: queue.Queue[Entry | None] = queue.Queue()
+        # the writer's state, read from other threads (plain attributes: each read is atomic)
+        self.error: str | None = None  # the last write error while writes fail; None: the disk takes them
+        self.failing_since: float | None = None
+        self.write_failures = 0  # failed write attempts (each retried)
+        self.buffered = 0  # entries held in memory, not yet written
+        self.dropped = 0  # entries given up beyond max_buffered
+        self.outages = 0  # times writes started failing
+        self.rejected = 0  # rows SQLite could not take, skipped
+        self._last_log = 0.0
         self._thread = threading.Thread(target=self._writer, name="cdr-writer", daemon=True)
         self._thread.start()
+
+    def status(self) -> dict[str, Any]:
+        """For /healthz, metrics and alarms: whether the store writes, and what waits in memory."""
+        return {"ok": self.error is None, "error": self.error, "buffered": self.buffered, "dropped": self.dropped,
+                "write_failures": self.write_failures, "outages": self.outages, "rejected": self.rejected,
+                "failing_s": round(time.time() - self.failing_since, 1) if self.failing_since else 0.0}
 
     # -- writing (from the event loop; never blocks on the disk)
     def open_call(self, voice_id: str, direction: str, **fields: Any) -> None:
@@ -79,6 +125,9 @@ class CdrStore:
         self.event(voice_id, "initiated", ts=now, **fields)
 
     def event(self, voice_id: str, state: str, ts: float | None = None, **data: Any) -> None:
+        for key, value in data.items():
+            if key.endswith("url") and isinstance(value, str) and "@" in value:
+                data[key] = strip_credentials(value)
         self._queue.put(("event", (voice_id, state, time.time() if ts is None else ts, data)))
 
     # -- the webhook outbox (same writer, so an event is stored in the order it happened)
@@ -97,6 +146,12 @@ class CdrStore:
             "SELECT event_id, voice_id, project, url, body, created_at, attempts FROM outbox"
             " WHERE status='pending' AND worker=? ORDER BY seq", (worker or self.worker,))
         return [_row(cur, r) for r in cur.fetchall()]
+
+    def webhook_url(self, voice_id: str) -> str | None:
+        """The URL a call's webhooks go to, whole (the CDR events keep it without credentials)."""
+        self.flush()
+        row = self._db.execute("SELECT url FROM outbox WHERE voice_id=? ORDER BY seq DESC LIMIT 1", (voice_id,)).fetchone()
+        return str(row[0]) if row else None
 
     def flush(self, timeout: float = 10.0) -> None:
         done = threading.Event()
@@ -119,39 +174,113 @@ class CdrStore:
         return [r[0] for r in rows]
 
     def _writer(self) -> None:
-        db = self._db
+        held: deque[Entry] = deque()  # accepted, not yet written (the disk refused them), oldest first
+        delay = RETRY_MIN_S
+        retry_at = 0.0
+        stop = False
         while True:
-            item = self._queue.get()
-            batch = [item]
-            while len(batch) < 500:
+            wait = None if not held else max(0.0, retry_at - time.monotonic())
+            items: list[Entry | None] = []
+            try:
+                items.append(self._queue.get(timeout=wait) if wait is None or wait > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            while len(items) < BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             waiters = []
-            with db:
-                for entry in batch:
-                    if entry is None:
-                        continue
-                    kind, args = entry
-                    if kind == "sync":
-                        waiters.append(args[0])
-                        continue
-                    try:
-                        self._write(db, kind, args)
-                    except (sqlite3.Error, ValueError, TypeError) as exc:  # one bad row must not stop the writer
-                        logger.error("cdr.write_failed", extra={"fields": {"kind": kind, "error": repr(exc)[:200]}})
-            for w in waiters:
+            for entry in items:
+                if entry is None:
+                    stop = True
+                elif entry[0] == "sync":
+                    waiters.append(entry[1][0])
+                else:
+                    self._hold(held, entry)
+            if held and (self.error is None or stop or time.monotonic() >= retry_at):
+                if self._write_held(held):
+                    delay = RETRY_MIN_S
+                else:
+                    retry_at = time.monotonic() + delay
+                    delay = min(RETRY_MAX_S, delay * 2)
+            self.buffered = len(held)
+            for w in waiters:  # a flush never waits on a failing disk longer than one attempt
                 w.set()
-            if None in batch:
-                db.close()
+            if stop:
+                if held:
+                    log.event(logger, "cdr.lost_at_stop", logging.ERROR, entries=len(held), error=self.error)
+                self._db.close()
                 return
 
-    def _write(self, db: sqlite3.Connection, kind: str, args: Any) -> None:
+    def _hold(self, held: deque[Entry], entry: Entry) -> None:
+        """Keep `entry` for writing; beyond the bound, intermediate events go first, then anything."""
+        if len(held) >= self.max_buffered:
+            kind, args = entry
+            essential = kind in ("open", "outbox") or (kind == "event" and args[1] in (FINAL, "answered"))
+            if not essential or len(held) >= 2 * self.max_buffered:
+                if not self.dropped:
+                    log.event(logger, "cdr.dropping", logging.ERROR, buffered=len(held), error=self.error)
+                self.dropped += 1
+                return
+        held.append(entry)
+
+    def _write_held(self, held: deque[Entry]) -> bool:
+        """Write what is held, in order, BATCH entries per transaction; False when the disk refused (the rest stays
+        held, to be tried again)."""
+        written = 0
+        while held:
+            chunk = [held[i] for i in range(min(BATCH, len(held)))]
+            try:
+                for kind, args in chunk:
+                    self._apply_row(kind, args)
+                self._db.commit()
+            except sqlite3.Error as exc:  # full, read-only, I/O error, locked: nothing of this chunk was written
+                try:
+                    self._db.rollback()  # also when the COMMIT itself failed: the chunk is tried again whole
+                except sqlite3.Error:
+                    pass
+                self._failed(exc, len(held))
+                return False
+            for _ in chunk:
+                held.popleft()
+            written += len(chunk)
+        if self.error is not None:
+            log.event(logger, "cdr.recovered", logging.WARNING, written=written, dropped=self.dropped,
+                      outage_s=round(time.time() - (self.failing_since or time.time()), 1))
+            self.error, self.failing_since = None, None
+        return True
+
+    def _failed(self, exc: sqlite3.Error, held: int) -> None:
+        self.write_failures += 1
+        now = time.time()
+        if self.error is None:
+            self.outages += 1
+            self.failing_since = now
+            self._last_log = now
+            log.event(logger, "cdr.write_failed", logging.ERROR, error=str(exc)[:200], path=str(self.path),
+                      buffered=held)
+        elif now - self._last_log >= STILL_FAILING_LOG_S:
+            self._last_log = now
+            log.event(logger, "cdr.still_failing", logging.ERROR, error=str(exc)[:200], buffered=held,
+                      dropped=self.dropped, failing_s=round(now - (self.failing_since or now)))
+        self.error = f"{type(exc).__name__}: {exc}"[:200]
+
+    def _apply_row(self, kind: str, args: tuple[Any, ...]) -> None:
+        """One row; a row SQLite cannot take (a value of the wrong type, text that cannot be encoded) is logged and
+        skipped, so it neither stops the writer nor holds every later row back as an outage would."""
+        try:
+            self._apply(kind, args)
+        except (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.DataError, ValueError, TypeError) as exc:
+            self.rejected += 1
+            log.event(logger, "cdr.row_rejected", logging.ERROR, kind=kind, error=repr(exc)[:200])
+
+    def _apply(self, kind: str, args: tuple[Any, ...]) -> None:
+        db = self._db
         if kind == "open":
             self._write_open(db, *args)
         elif kind == "outbox":
-            db.execute("INSERT INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
+            db.execute("INSERT OR IGNORE INTO outbox (event_id, voice_id, worker, project, url, body, created_at)"
                        " VALUES (?,?,?,?,?,?,?)", args)
         elif kind == "outbox_state":
             db.execute("UPDATE outbox SET status=?, attempts=?, last_error=? WHERE event_id=?", args)
@@ -181,6 +310,7 @@ class CdrStore:
         elif state != "initiated":
             db.execute("UPDATE calls SET state=?, room_id=COALESCE(?, room_id) WHERE voice_id=? AND state != ?",
                        (state, _text(data.get("room_id")), voice_id, FINAL))
+
 
 
 def _text(value: Any) -> Any:

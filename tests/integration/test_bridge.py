@@ -24,7 +24,7 @@ from tests.integration.ivr_tools import info, ivr_scenario, rfc4733
 from tests.integration.media_tools import Capture
 from tests.integration.netns import network_namespace
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.serial]  # Chromium and WebRTC: alone, after the parallel pass
 IVR_DID = "15550100000"
 JANUS_RTP = (61000, 61999)  # outside free_port()'s range, the gateway's RTP ports and the ephemeral ports
 

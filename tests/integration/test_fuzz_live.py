@@ -10,6 +10,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Gateway, run_sipp
 
 SEEDS = Path(__file__).resolve().parents[1] / "fuzz" / "seeds" / "sip"
@@ -55,6 +57,7 @@ def stranger(i: int) -> str:
     return f"127.0.{(i // 250) % 250 + 1}.{i % 250 + 2}"
 
 
+@pytest.mark.serial  # 10,000 datagrams a second
 def test_mutated_datagrams_and_streams_leave_the_worker_answering(gateway: Gateway) -> None:
     rng = random.Random(4475)
     pool = seeds()

@@ -28,13 +28,13 @@ from gateway.adapters.janus import JanusClient, JanusError
 from gateway.adapters.janus_audiobridge import RtpEndpoint
 from gateway.cluster.janus import JanusProcess
 from gateway.config import Config, load_config
-from tests.conftest import ROOT, free_port, stop_process, wait_until
+from tests.conftest import ROOT, free_port, port_block, stop_process, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def janus_env(tmp: Path) -> dict[str, str]:
-    rtp_min = random.randrange(30000, 58000, 2)
+    rtp_min = port_block(200)
     return {"GATEWAY_DATA_DIR": str(tmp / "data"),
             "GATEWAY_JANUS_HTTP_PORT": str(free_port()), "GATEWAY_JANUS_WS_PORT": str(free_port()),
             "GATEWAY_JANUS_RTP_PORT_MIN": str(rtp_min), "GATEWAY_JANUS_RTP_PORT_MAX": str(rtp_min + 199)}

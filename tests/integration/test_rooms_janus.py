@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import secrets
 import signal
@@ -25,6 +24,7 @@ from tests.conftest import (
     Gateway,
     free_port,
     make_test_config,
+    port_block,
     run_sipp,
     start_gateway,
     stop_gateway,
@@ -150,7 +150,7 @@ def test_janus_unreachable_callers_hear_service_unavailable(tmp_path: Path) -> N
 
 def start_janus(tmp: Path, secret: str, key: str) -> tuple[subprocess.Popen, str]:  # type: ignore[type-arg]
     """A Janus of our own rendering, as an operator would run one beside the gateway (an external server)."""
-    port, low = free_port(), random.randrange(50000, 58000, 2)
+    port, low = free_port(), port_block(302)
     env = {"GATEWAY_JANUS_HTTP_PORT": str(port), "GATEWAY_JANUS_WS_PORT": str(free_port()),
            "GATEWAY_JANUS_RTP_PORT_MIN": str(low), "GATEWAY_JANUS_RTP_PORT_MAX": str(low + 300),
            "GATEWAY_JANUS_API_SECRET": secret, "GATEWAY_JANUS_ADMIN_KEY": key, "GATEWAY_DATA_DIR": str(tmp)}

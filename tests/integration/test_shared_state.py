@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.apps.limits import RedisLimiter
+from gateway.apps.limits import Limits, RedisLimiter
+from gateway.apps.services import Origin
 from gateway.cluster.registry import RedisRegistry, forget_worker, sweep_expired, workers
-from gateway.rooms.directory import SharedDirectory, publish_room, unpublish_room
+from gateway.rooms.directory import SharedDirectory, pin_key, publish_room, unpublish_room
 from gateway.store.rooms import RoomStore
 from tests.conftest import free_port, stop_process, wait_until
 
@@ -88,10 +89,11 @@ async def wait_for(read: Any, expected: Any, tries: int = 100) -> None:
 async def test_shared_directory_resolves_published_rooms_without_clear_pins(redis: Any, tmp_path: Path) -> None:
     store = RoomStore(tmp_path)
     room = store.create("Board", meeting_id_digits=9, pin_digits=6)
-    other_host = SharedDirectory(redis, RoomStore(tmp_path / "elsewhere"))  # a worker that never saw the room
+    key = pin_key("the room service's secret")
+    other_host = SharedDirectory(redis, RoomStore(tmp_path / "elsewhere"), key)  # a worker that never saw the room
     sip = room["sip"]
     assert not await other_host.exists(sip["meeting_id"])
-    await publish_room(redis, room)
+    await publish_room(redis, room, key)
     assert await other_host.exists(sip["meeting_id"])
     assert await other_host.resolve(sip["meeting_id"], sip["mpin"]) == (room["room_id"], "moderator")
     assert await other_host.resolve(sip["meeting_id"], sip["pin"]) == (room["room_id"], "participant")
@@ -101,16 +103,22 @@ async def test_shared_directory_resolves_published_rooms_without_clear_pins(redi
     await unpublish_room(redis, room)
     assert not await other_host.exists(sip["meeting_id"])
     # a room only the local store knows is published on its first lookup
-    assert await SharedDirectory(redis, store).exists(sip["meeting_id"])
+    assert await SharedDirectory(redis, store, key).exists(sip["meeting_id"])
     assert await other_host.exists(sip["meeting_id"])
     store.close()
 
 
 async def test_pin_limits_hold_across_workers(redis: Any) -> None:
-    worker1, worker2 = RedisLimiter(redis, 2, 3, 60), RedisLimiter(redis, 2, 3, 60)
-    await worker1.failure("alice", "m1")
-    assert await worker2.check("alice", "m1") is None
-    await worker2.failure("alice", "m1")
-    assert await worker1.check("alice", "m1") == "caller"  # two failures, on two workers
-    await worker1.failure("bob", "m1")
-    assert await worker2.check("carol", "m1") == "meeting"
+    per = {("pin", "caller"): 2, ("pin", "source"): 3, ("meeting_id", "caller"): 2, ("meeting_id", "source"): 3}
+    limits = Limits(per, meeting_budget=3, backoff=1.0, backoff_max=4.0, window=60)
+    worker1, worker2 = RedisLimiter(redis, limits), RedisLimiter(redis, limits)
+    alice, bob, carol = Origin("10.0.0.2", "t/alice"), Origin("10.0.0.2", "t/bob"), Origin("10.0.0.3", "t/carol")
+    assert not (await worker1.reserve("pin", alice, "m1")).blocked
+    assert not (await worker2.reserve("pin", alice, "m1")).blocked
+    assert (await worker1.reserve("pin", alice, "m1")).blocked == "caller"  # two failures, on two workers
+    assert (await worker2.reserve("pin", bob, "m1")).delay == 0
+    assert (await worker1.reserve("pin", bob, "m1")).blocked == "source"  # another number, the same address
+    late = await worker2.reserve("pin", carol, "m1")
+    assert late.delay == 1.0  # past the meeting's budget: a wait, not a lock
+    await worker1.release(late)  # it was right: it no longer counts
+    assert (await worker1.reserve("pin", carol, "m1")).delay == 1.0

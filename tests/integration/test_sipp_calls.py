@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import SCENARIOS, Gateway, make_test_config, run_sipp, scenario, start_gateway, stop_gateway
 
 
@@ -116,6 +118,7 @@ def test_echo_returns_the_callers_audio(gateway: Gateway, tmp_path: Path) -> Non
     assert rows[0]["reason"] == "remote_bye"
 
 
+@pytest.mark.serial  # loads the machine on purpose
 def test_200_concurrent_echo_calls(gateway: Gateway, tmp_path: Path) -> None:
     """200 calls up at once, each streaming audio for 6 s: all complete, and 200 were active together."""
     import threading

@@ -90,3 +90,26 @@ def test_torture_messages_over_udp(gateway: Gateway) -> None:
     assert alive == [200], "the worker must go on after the torture set"
     assert gateway.proc.poll() is None
     assert gateway.calls() == []
+
+
+LAZY = [  # headers the parser keeps as text and splits only when a handler reads them
+    b"Accept: \"application/sdp\r\n",
+    b"Require: \"timer\r\n",
+    b"Supported: a, \"b\r\n",
+]
+
+
+def test_malformed_lazily_parsed_headers_get_400(gateway: Gateway) -> None:
+    """Found by the live fuzz run: an unterminated quote in a comma-list header (Accept) raised in the UA
+    after the message had been parsed, and the request got no answer. Now the request gets a 400."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        for i, header in enumerate(LAZY):
+            invite = (b"INVITE sip:15550100001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bKlazy%d\r\n"
+                      b"From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:15550100001@127.0.0.1>\r\nCall-ID: lazy%d\r\n"
+                      b"CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContact: <sip:t@127.0.0.1:%d>\r\n%sContent-Length: 0\r\n\r\n"
+                      % (port, i, i, port, header))
+            assert exchange(sock, gateway, invite, 3.0) == [400], header
+    log = gateway.log()
+    assert '"sip.event_failed"' not in log and "Traceback" not in log

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,7 +85,7 @@ password = "{TRUNK_PASSWORD}"
                                                           "GATEWAY_API_RING_TIMEOUT_S": "15"})
     try:
         wait_until(lambda: '"prompts.ready"' in gw.log() and '"rooms.started"' in gw.log(), 90, "prompts and rooms")
-        demo = next(p for p in cli(data, "projects", "list", "--keys") if p["name"] == "demo")
+        demo = cli(data, "projects", "reset-key", "demo")  # made from the config: its key is shown on reset only
         yield Voice(gw, hooks, late, uas_port, acme, quiet, demo, board, tmp)
     finally:
         stop_gateway(gw)
@@ -106,7 +105,7 @@ def test_dial_out_joins_the_room_and_delete_hangs_up(voice: Voice) -> None:
         room_id = voice.board["room_id"]
         vid = voice.dial(voice.acme, room_id)
         voice.hooks.wait_state(vid, "joined")
-        assert voice.hooks.states(vid, voice.acme["app_key"]) == DIAL_FLOW
+        assert voice.hooks.states(vid, voice.acme["webhook_secret"]) == DIAL_FLOW
         joined = voice.hooks.events(vid)[-1]
         assert joined["room_id"] == room_id and joined["owner_ref"] == "ref-1" and joined["direction"] == "outbound"
         phones = [p for p in voice.participants(room_id) if p["kind"] == "phone"]
@@ -116,7 +115,7 @@ def test_dial_out_joins_the_room_and_delete_hangs_up(voice: Voice) -> None:
         status, body, _ = voice.client(voice.acme)("DELETE", f"/voice/v1/room/{room_id}/call/{vid}")
         assert status == 200 and body == {**body, "state": "removed", "voice_id": vid, "room_id": room_id}
         voice.hooks.wait_state(vid, "disconnected")
-        assert voice.hooks.states(vid, voice.acme["app_key"]) == DIAL_FLOW + ["removed", "disconnected"]
+        assert voice.hooks.states(vid, voice.acme["webhook_secret"]) == DIAL_FLOW + ["removed", "disconnected"]
         finish(phone)
     finally:
         stop_process(phone)
@@ -134,7 +133,7 @@ def test_dial_out_busy_fails_with_486(voice: Voice) -> None:
         finish(phone)
     finally:
         stop_process(phone)
-    events = voice.hooks.events(vid, voice.acme["app_key"])
+    events = voice.hooks.events(vid, voice.acme["webhook_secret"])
     assert [e["state"] for e in events] == ["initiated", "failed"]
     assert events[-1]["code"] == 486 and events[-1]["reason"] == "Busy Here"
     assert voice.gw.cdr(vid)["sip_code"] == 486
@@ -213,7 +212,7 @@ def test_inbound_call_bridged_into_a_new_room_parked_moved_and_removed(voice: Vo
     caller.join(90)
     assert result["r"].returncode == 0, result["r"].stdout
     voice.hooks.wait_state(vid, "disconnected")
-    assert voice.hooks.states(vid, voice.acme["app_key"]) == [
+    assert voice.hooks.states(vid, voice.acme["webhook_secret"]) == [
         "incoming", "answered", "joined", "removed", "joined", "removed", "disconnected"]
 
 
@@ -283,21 +282,10 @@ def test_webhooks_survive_a_receiver_down_for_30_seconds(voice: Voice) -> None:
     time.sleep(max(0.0, 30 - (time.monotonic() - down_since)))  # the scenario itself: 30 s with no receiver
     voice.late_hooks.start()
     wait_until(lambda: "disconnected" in voice.late_hooks.states(vid), 20, "every event after the receiver is up")
-    assert voice.late_hooks.states(vid, voice.quiet["app_key"]) == DIAL_FLOW + ["removed", "disconnected"]
+    assert voice.late_hooks.states(vid, voice.quiet["webhook_secret"]) == DIAL_FLOW + ["removed", "disconnected"]
 
 
-def test_schemathesis_finds_no_server_errors(voice: Voice) -> None:
-    import base64
-
-    auth = base64.b64encode(f"{voice.acme['app_id']}:{voice.acme['app_key']}".encode()).decode()
-    url = f"http://127.0.0.1:{voice.gw.http_port}/voice/v1/openapi.json"
-    schemathesis = str(Path(sys.executable).parent / "schemathesis")
-    out = subprocess.run([schemathesis, "run", url, "-H", f"Authorization: Basic {auth}", "-c", "not_a_server_error",
-                          "-n", "40", "--no-color", "--seed", "1", "--request-timeout", "30"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-
-
+@pytest.mark.serial  # Chromium
 def test_moderator_calls_a_phone_from_the_room_page(voice: Voice) -> None:
     from tests.integration.browser import Browser, tone_wav
 

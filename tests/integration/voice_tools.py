@@ -4,32 +4,38 @@ from __future__ import annotations
 
 import base64
 import json
-import random
+import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from gateway.api.webhooks import SIGNATURE_HEADER, verify
-from tests.conftest import ROOT, Gateway, wait_until
+from gateway.api.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from tests.conftest import ROOT, Gateway, port_block, wait_until
+
+# The tests' webhook receivers listen on loopback, which webhooks may reach only when allow-listed.
+ALLOW_LOOPBACK = {"GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.0/8"]'}
 
 
 class HookServer:
-    """Records every webhook POST (headers + raw body); start() may come later than the URL is handed out."""
+    """Records every webhook POST (headers + raw body + arrival time); start() may come later than the URL is
+    handed out."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.port, self.host = port, host
         self.received: list[tuple[dict[str, str], bytes]] = []
+        self.arrived: list[float] = []
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
+        return f"http://{self.host}:{self.port}/hooks"
 
     def start(self) -> None:
         hooks = self
@@ -39,6 +45,7 @@ class HookServer:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with hooks.lock:
                     hooks.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    hooks.arrived.append(time.time())
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -46,7 +53,7 @@ class HookServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer((self.host, self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -55,17 +62,19 @@ class HookServer:
             self.server.server_close()
 
     def events(self, voice_id: str, key: str | None = None) -> list[dict[str, Any]]:
-        """This call's events in arrival order (duplicates from at-least-once delivery removed); with `key`,
-        every signature is checked too."""
+        """This call's events in arrival order (duplicates from at-least-once delivery removed); with `key`
+        (the project's webhook secret), every signature and timestamp is checked too, as a receiver does on
+        arrival (README, "Webhooks")."""
         out, seen = [], set()
         with self.lock:
-            received = list(self.received)
-        for headers, body in received:
+            received = list(zip(self.received, self.arrived, strict=True))
+        for (headers, body), arrived in received:
             event = json.loads(body)
             if event["voice_id"] != voice_id or event["event_id"] in seen:
                 continue
             if key is not None:
-                assert verify(key, body, headers[SIGNATURE_HEADER.lower()]), "bad webhook signature"
+                assert verify(key, body, headers[TIMESTAMP_HEADER.lower()], headers[SIGNATURE_HEADER.lower()],
+                              now=arrived), "bad webhook signature or timestamp"
             seen.add(event["event_id"])
             out.append(event)
         return out
@@ -84,9 +93,10 @@ class HookServer:
         return wait_until(find, timeout, f"a {state} webhook")  # type: ignore[no-any-return]
 
 
-def cli(data: Path, *args: str) -> Any:
+def cli(data: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """The gateway CLI; its webhook checks allow the tests' loopback receivers unless `env` says otherwise."""
     out = subprocess.run([sys.executable, "-m", "gateway", *args, "--data-dir", str(data)], capture_output=True,
-                         timeout=30, cwd=ROOT, check=True)
+                         timeout=30, cwd=ROOT, check=True, env={**os.environ, **ALLOW_LOOPBACK, **(env or {})})
     return json.loads(out.stdout)
 
 
@@ -110,7 +120,7 @@ class VoiceClient:
 
 def far_phone(port: int, *args: str, timeout: int = 90) -> subprocess.Popen[str]:
     """sipp as the trunk + far phone (UAS) on `port`: one call, then it exits (0 = the call went as scripted)."""
-    media = random.randrange(40000, 60000, 2)
+    media = port_block(4)
     cmd = ["sipp", "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(media), "-rtp_echo",
            "-m", "1", "-nostdin", "-timeout", f"{timeout}s", "-timeout_error", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

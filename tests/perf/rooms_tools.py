@@ -9,6 +9,7 @@ import math
 import os
 import sqlite3
 import subprocess
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,11 +98,12 @@ def alive(pid: int) -> bool:
 
 @dataclass
 class CallLog:
-    """Reads the gateway's JSON log incrementally: calls joined to a room, calls ended."""
+    """Reads the gateway's JSON log incrementally: calls joined to a room, calls ended, INVITEs refused."""
 
     path: Path
     joined: set[str] = field(default_factory=set)
     ended: set[str] = field(default_factory=set)
+    refused: Counter[str] = field(default_factory=Counter)  # by reason (admission: capacity, cpu_overload, ...)
     _offset: int = 0
     _partial: bytes = b""
 
@@ -119,6 +121,11 @@ class CallLog:
                         ids.add(json.loads(line)["voice_id"])
                     except (ValueError, KeyError):
                         pass
+            if b'"call.refused"' in line:
+                try:
+                    self.refused[str(json.loads(line).get("reason"))] += 1
+                except ValueError:
+                    pass
 
     def in_room(self) -> int:
         return len(self.joined - self.ended)

@@ -244,13 +244,18 @@ def measure_window(gw: Gateway, tree: GatewayTree, sipp_pid: int, log: CallLog, 
     result.lag_p50, result.lag_p99 = bucket_bound(lag0, lag1, 0.5), bucket_bound(lag0, lag1, 0.99)
 
 
-def add_cdr_counters(result: LoadResult, records: list[CallRecord]) -> None:
-    """Who joined, why the others did not, and the `left` events' RTP counters (from joined to left)."""
+def add_cdr_counters(result: LoadResult, records: list[CallRecord], log: CallLog) -> None:
+    """Who joined, why the others did not (CDR reason, or the INVITE refused), and the `left` events' RTP counters
+    (from joined to left)."""
     in_room = [r for r in records if r.joined_at is not None]
     result.joined = len(in_room)
     result.fail_reasons = dict(Counter(str(r.reason) for r in records if r.joined_at is None))
-    if len(records) < result.calls:
-        result.fail_reasons["not in the CDR (never reached the gateway)"] = result.calls - len(records)
+    log.poll()
+    for reason, count in log.refused.items():
+        result.fail_reasons[f"INVITE refused: {reason}"] = count
+    unaccounted = result.calls - len(records) - sum(log.refused.values())
+    if unaccounted > 0:
+        result.fail_reasons["never reached the gateway"] = unaccounted
     left = [r for r in in_room if r.left_at is not None]
     result.no_left_event = len(in_room) - len(left)
     seconds = sum((r.left_at or 0.0) - (r.joined_at or 0.0) for r in left)
@@ -293,7 +298,7 @@ def run_load_step(tmp: Path, n: int) -> LoadResult:
         delete_rooms(gw, rooms)
         sipp.wait(90)
         records = wait_cdr(gw, n)
-        add_cdr_counters(result, records)
+        add_cdr_counters(result, records, log)
     finally:
         if sipp is not None:
             stop_sipp(sipp)

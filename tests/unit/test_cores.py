@@ -213,7 +213,7 @@ def test_jitter_new_ssrc_resets() -> None:
 def test_port_allocator_even_unique_and_released() -> None:
     ports = PortAllocator(20001, 20010)
     got = [ports.allocate() for _ in range(ports.size)]
-    assert got == [20002, 20004, 20006, 20008] and len(set(got)) == len(got)
+    assert sorted(got) == [20002, 20004, 20006, 20008] and len(set(got)) == len(got)  # at random (strict RTP)
     with pytest.raises(PortsExhausted):
         ports.allocate()
     ports.release(20004)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from gateway.apps.limits import AttemptLimiter
+from gateway.apps.limits import AttemptLimiter, Limits
 from gateway.apps.prompts import PromptLibrary, write_wav
+from gateway.apps.services import Origin
 from gateway.rooms.directory import EmbeddedDirectory
 from gateway.store.rooms import RoomStore, check_pin
 
@@ -31,16 +33,49 @@ def test_room_store_create_lookup_and_roles(tmp_path: Path) -> None:
     assert asyncio.run(directory.exists("0")) is False
 
 
-def test_attempt_limiter_per_caller_and_meeting_over_window() -> None:
-    lim = AttemptLimiter(per_caller=2, per_meeting=3, window=60)
-    lim.failed("alice", "m1", 0)
-    assert lim.blocked("alice", "m1", 1) is None
-    lim.failed("alice", "m1", 2)
-    assert lim.blocked("alice", "m1", 3) == "caller"
-    assert lim.blocked("bob", "m1", 3) is None
-    lim.failed("bob", "m1", 4)
-    assert lim.blocked("carol", "m1", 5) == "meeting"
-    assert lim.blocked("alice", "m1", 63) is None and lim.blocked("carol", "m1", 65) is None  # window passed
+def test_attempt_limiter_reserves_per_source_and_caller_and_backs_off_per_meeting() -> None:
+    now = [0.0]
+    per = {("pin", "caller"): 2, ("pin", "source"): 3, ("meeting_id", "caller"): 1, ("meeting_id", "source"): 0}
+    lim = AttemptLimiter(Limits(per, meeting_budget=2, backoff=1.0, backoff_max=3.0, window=60), lambda: now[0])
+    alice, bob, carol = Origin("10.0.0.2", "t/alice"), Origin("10.0.0.2", "t/bob"), Origin("10.0.0.3", "t/carol")
+    first = lim.take("pin", alice, "m1")
+    assert not first.blocked and first.delay == 0
+    assert lim.take("pin", alice, "m1").delay == 0  # reserved, not yet checked: it counts already
+    assert lim.take("pin", alice, "m1").blocked == "caller"
+    lim.give_back(first)  # the first one was right: it no longer counts
+    assert lim.take("pin", alice, "m1").delay == 0
+    assert lim.take("pin", bob, "m1").delay == 1.0  # the meeting's budget (2) is spent: a wait, no lock
+    assert lim.take("pin", bob, "m1").blocked == "source"  # another number, same address
+    assert lim.take("pin", carol, "m1").delay == 2.0 and lim.take("pin", carol, "m1").delay == 3.0  # doubling, capped
+    assert lim.take("meeting_id", carol).blocked == "" and lim.take("meeting_id", carol).blocked == "caller"
+    assert lim.take("meeting_id", Origin("", "t/dave")).blocked == ""  # a trusted trunk: no source counter
+    now[0] = 61.0  # the window passed
+    assert lim.take("pin", bob, "m1").delay == 0 and not lim.take("pin", alice, "m1").blocked
+    now[0] = 200.0
+    lim.take("pin", Origin("10.0.0.9", "t/erin"), "m2")
+    assert len(lim) == 3  # expired counters are swept: m2, erin and her address remain
+
+
+def test_call_origin_is_the_network_source_unless_the_trunk_vouches_for_numbers() -> None:
+    from types import SimpleNamespace
+
+    from gateway.apps.services import call_origin
+    from gateway.config import Config, TrunkConfig
+
+    config = Config()
+    config.trunks = [TrunkConfig(name="open", sources=["127.0.0.0/8"]),
+                     TrunkConfig(name="carrier", sources=["10.0.0.0/8"], trust_id_inbound=True)]
+    config.cluster.lb_sources = ["10.9.9.9"]
+
+    def call(host: str, trunk: str, forwarded: str = "") -> Any:
+        headers = {"x-gateway-source": forwarded} if forwarded else {}
+        return SimpleNamespace(source=SimpleNamespace(host=host), invite=SimpleNamespace(headers=headers),
+                               info={"trunk": trunk, "caller": "15551230000"})
+
+    assert call_origin(call("127.0.0.2", "open"), config) == Origin("127.0.0.2", "open/15551230000")
+    assert call_origin(call("10.9.9.9", "open", "203.0.113.7"), config).source == "203.0.113.7"  # the balancer says
+    assert call_origin(call("127.0.0.2", "open", "203.0.113.7"), config).source == "127.0.0.2"  # anyone else: no
+    assert call_origin(call("10.1.1.1", "carrier"), config) == Origin("", "carrier/15551230000")
 
 
 def test_recorded_prompt_overrides_tts(tmp_path: Path) -> None:

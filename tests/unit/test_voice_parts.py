@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.api.webhooks import SIGNATURE_HEADER, Notifier, sign, verify
+from gateway.api.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, Notifier, sign, verify
 from gateway.calls.control import Order, Steering
 from gateway.calls.outbound import DialError, request_uri
 from gateway.config import WebhookConfig
@@ -65,7 +65,7 @@ def _port() -> int:
 async def test_webhook_outbox_resumes_after_a_restart_in_order_and_signed(tmp_path: Path) -> None:
     port = _port()
     url = f"http://127.0.0.1:{port}/hook"
-    cfg = WebhookConfig(timeout_s=1, max_backoff_s=1, max_age_s=600)
+    cfg = WebhookConfig(timeout_s=1, max_backoff_s=1, max_age_s=600, allow_networks=["127.0.0.0/8"])
     # first life: the receiver is down; three events of one call are stored, none delivered
     cdr = CdrStore(tmp_path, worker="w1")
     notifier = Notifier(cdr, cfg, lambda project: "key-1")
@@ -74,11 +74,11 @@ async def test_webhook_outbox_resumes_after_a_restart_in_order_and_signed(tmp_pa
     await notifier.close(grace=0.5)
     cdr.close()
     # second life: the receiver is up; the outbox is resumed
-    got: list[tuple[bytes, str]] = []
+    got: list[tuple[bytes, str, str]] = []
     done = asyncio.Event()
 
     async def hook(request: web.Request) -> web.Response:
-        got.append((await request.read(), request.headers[SIGNATURE_HEADER]))
+        got.append((await request.read(), request.headers[TIMESTAMP_HEADER], request.headers[SIGNATURE_HEADER]))
         if len(got) == 3:
             done.set()
         return web.Response()
@@ -96,7 +96,7 @@ async def test_webhook_outbox_resumes_after_a_restart_in_order_and_signed(tmp_pa
     finally:
         await notifier.close()
         await runner.cleanup()
-    assert [json.loads(body)["state"] for body, _ in got] == ["initiated", "ringing", "answered"]
-    assert all(verify("key-1", body, sig) and sig == sign("key-1", body) for body, sig in got)
+    assert [json.loads(body)["state"] for body, _, _ in got] == ["initiated", "ringing", "answered"]
+    assert all(verify("key-1", body, ts, sig) and sig == sign("key-1", int(ts), body) for body, ts, sig in got)
     assert cdr.outbox_pending() == []
     cdr.close()

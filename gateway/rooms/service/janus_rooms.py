@@ -4,7 +4,8 @@ Servers are `[janus] urls`, or the managed Janus at http://host:http_port/janus.
 session per server (attached to both plugins) for room management: create, destroy, mute, kick. A room is
 placed on the server with the fewest participants when it gets its first participant, and stays there
 until it is destroyed (empty or deleted). Both Janus rooms get the room_id as their (string) id and a random
-secret that only this process knows; the plugins' admin keys and the API secret come from `JanusSecrets`.
+secret derived from the AudioBridge admin key (`room_secret`: a restarted service takes back the rooms a dead one
+left on Janus); the plugins' admin keys and the API secret come from `JanusSecrets`.
 
 When a control session is lost (Janus died or forgot us), every room placed on that server is gone:
 `on_lost(server)` tells the service, the placements are forgotten, and the next placement reconnects (or
@@ -14,8 +15,10 @@ uses another server). The managed Janus is restarted by its supervisor, not here
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +67,17 @@ class JanusServer:
     @property
     def alive(self) -> bool:
         return self.session is not None and not self.session.lost.is_set()
+
+
+ROOM_EXISTS = (486, 427)  # AudioBridge, VideoRoom: "Room ... already exists"
+
+
+def room_secret(keys: JanusSecrets, room_id: str) -> str:
+    """A room's Janus secret (destroy, mute, kick): derived from the AudioBridge admin key, which only the room
+    service uses, so a room service that restarts (or its peer on the same Janus) can take back the rooms a dead
+    one left there, instead of finding their ids taken until Janus restarts."""
+    mac = hmac.new(keys.audiobridge_admin_key.encode(), b"room-secret:" + room_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac[:18]).decode()
 
 
 @dataclass(eq=False)
@@ -128,7 +142,20 @@ class JanusPool:
 
     async def _create(self, server: JanusServer, room_id: str) -> JanusRoom:
         assert server.audiobridge is not None and server.videoroom is not None
-        room = JanusRoom(server, room_id, secrets.token_urlsafe(18))
+        room = JanusRoom(server, room_id, room_secret(self.secrets, room_id))
+        try:
+            return await self._create_rooms(server, room)
+        except JanusError as exc:  # left on Janus by a room service that died: same secret, so destroy and redo
+            if exc.code not in ROOM_EXISTS:
+                raise
+            log.event(logger, "janus.room_reclaimed", logging.WARNING, url=server.url, room_id=room_id)
+            await self._quietly(audiobridge.destroy_room(server.audiobridge, room_id, room.secret))
+            await self._quietly(videoroom.destroy_room(server.videoroom, room_id, room.secret))
+            return await self._create_rooms(server, room)
+
+    async def _create_rooms(self, server: JanusServer, room: JanusRoom) -> JanusRoom:
+        assert server.audiobridge is not None and server.videoroom is not None
+        room_id = room.room_id
         await audiobridge.create_room(server.audiobridge, room_id, self.secrets.audiobridge_admin_key, room.secret,
                                       sampling_rate=SAMPLING_RATE, allow_rtp_participants=True,
                                       prebuffer=self.prebuffer, audiolevel_event=True)

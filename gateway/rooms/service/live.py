@@ -2,10 +2,13 @@
 
 A room's AudioBridge and VideoRoom rooms are created on Janus when its first participant joins (on the
 least-loaded server of the pool) and destroyed when it empties or is deleted; joins, leaves and deletion of
-one room run one at a time (`Room.lock`). Mute and kick are done in Janus with the room's secret, which never
-leaves this process; a page never talks to Janus, so a browser muted by a moderator cannot unmute itself (the
-AudioBridge would let a participant's own handle unmute it: the worker, which holds the API secret for its
-phones' handles, is trusted to not do so).
+one room run one at a time (`Room.lock`), and so do its mutes (`Room.mute_lock`: a participant's "unmute me"
+sent while a moderator's mute-all is on its way to Janus is judged after it), and after a mute-all newcomers join
+muted by the moderator until an unmute-all (leaving and joining again undoes nothing). A room takes at most
+`room_service.max_participants`, phones included (then `room_full`). Mute and kick are done in Janus with the
+room's secret, which never leaves this process; a page never talks to Janus, so a browser muted by a moderator
+cannot unmute itself unless the room allows it (`allow_self_unmute`; the AudioBridge would let a participant's
+own handle unmute it: the worker, which holds the API secret for its phones' handles, is trusted to not do so).
 
 Phones (the worker, over the same WebSocket) join the AudioBridge themselves as plain-RTP participants on
 the server named in `joined`; browsers' media is set up here (`signalling.BrowserPeer`).
@@ -14,7 +17,6 @@ the server named in `joined`; browsers' media is set up here (`signalling.Browse
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +28,7 @@ from ...adapters.janus import JanusError
 from ...config import Config
 from .janus_rooms import JanusPool, JanusRoom, JanusServer, ice_servers
 from .room import Participant, Room, drain, new_participant
+from .security import clean_name
 from .signalling import BrowserPeer
 
 logger = logging.getLogger("gateway.rooms")
@@ -38,12 +41,11 @@ def error(code: str, message: str) -> dict[str, Any]:
 
 
 class LiveRooms:
-    def __init__(self, config: Config, pool: JanusPool, phone_token: Callable[[str, str], str],
-                 host_token: Callable[[str], str], redis: Any = None) -> None:
+    def __init__(self, config: Config, pool: JanusPool, check_phone: Callable[[str, str, object], bool],
+                 redis: Any = None) -> None:
         self.config = config
         self.pool = pool
-        self.phone_token = phone_token  # (room_id, role) -> the worker's token
-        self.host_token = host_token  # room_id -> the moderators' page token
+        self.check_phone = check_phone  # (room_id, role, token) -> whether it is the worker's token
         self.redis = redis
         self.rooms: dict[str, Room] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -67,15 +69,14 @@ class LiveRooms:
 
     # -- joining
     async def join(self, room_id: str, settings: dict[str, Any], ws: web.WebSocketResponse, data: dict[str, Any],
-                   host: str) -> tuple[Room, Participant] | None:
-        """A `join` message: the participant in the room (its `joined` queued), or None (an error was sent)."""
+                   moderator: bool) -> tuple[Room, Participant] | None:
+        """A `join` message: the participant in the room (its `joined` queued), or None (an error was sent).
+        `moderator`: the socket was opened with a valid host link."""
         kind = data.get("kind", "browser")
-        name = str(data.get("name") or "Guest")[:MAX_NAME]
         role = "participant"
         if kind == "phone":
             wanted = data.get("role", "participant")
-            if wanted not in ROLES or not hmac.compare_digest(str(data.get("token", "")),
-                                                              self.phone_token(room_id, str(wanted))):
+            if wanted not in ROLES or not self.check_phone(room_id, str(wanted), data.get("token")):
                 await ws.send_json(error("not_allowed", "phone participants need the gateway's token"))
                 return None
             if data.get("media") != "rtp":
@@ -85,8 +86,9 @@ class LiveRooms:
         elif kind != "browser":
             await ws.send_json(error("invalid_join", "kind: browser or phone"))
             return None
-        elif host and hmac.compare_digest(host, self.host_token(room_id)):
+        elif moderator:
             role = "moderator"
+        name = clean_name(data.get("name"), str(kind), MAX_NAME) or ("Phone" if kind == "phone" else "Guest")
         while True:  # a room deleted or emptied while we waited for its lock is replaced by a fresh one
             room = self.rooms.get(room_id)
             if room is None:
@@ -101,6 +103,11 @@ class LiveRooms:
         if room.locked and role != "moderator":
             await ws.send_json(error("room_locked", "the room is locked"))
             return None
+        limit = self.config.room_service.max_participants
+        if len(room.participants) >= limit:
+            log.event(logger, "room.full", logging.WARNING, room_id=room.id, participants=len(room.participants))
+            await ws.send_json(error("room_full", f"the room is full ({limit} participants)"))
+            return None
         if room.media is None:
             try:
                 room.media = await self.pool.place(room.id, self.load)
@@ -111,6 +118,8 @@ class LiveRooms:
                 return None
             await self._remember(room.id, room.media.server.url)
         me = new_participant(name, kind, role, ws)
+        if room.muted_on_entry and role != "moderator":  # leaving and coming back does not undo a mute-all
+            me.muted = me.muted_by_moderator = True
         joined: dict[str, Any] = {"type": "joined", "participant_id": me.id, "role": role}
         if kind == "phone":
             joined["janus"] = {"url": room.media.server.url, "room": room.media.room_id}
@@ -243,26 +252,29 @@ class LiveRooms:
         await handler(self, room, me, data)
 
     async def _mute(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
-        target = room.participants.get(str(data.get("participant_id", me.id)))
-        moderator = me.role == "moderator"
-        if target is None:
-            me.send(error("not_found", "no such participant"))
-            return
-        muted = bool(data.get("muted", not target.muted))
-        if not (target is me or moderator) or (target is me and not moderator and not muted
-                                               and target.muted_by_moderator):
-            me.send(error("not_allowed", "mute: not allowed" if target is not me else "a moderator muted you"))
-            return
-        if await self._set_muted(room, target, muted, by_moderator=target is not me, asker=me):
-            log.event(logger, "room.mute", room_id=room.id, participant_id=me.id, target=target.id, muted=muted)
-            room.broadcast()
+        async with room.mute_lock:  # after any mute-all already asked for (judged on its outcome)
+            target = room.participants.get(str(data.get("participant_id", me.id)))
+            moderator = me.role == "moderator"
+            if target is None:
+                me.send(error("not_found", "no such participant"))
+                return
+            muted = bool(data.get("muted", not target.muted))
+            held = target.muted_by_moderator and not room.settings.get("allow_self_unmute")
+            if not (target is me or moderator) or (target is me and not moderator and not muted and held):
+                me.send(error("not_allowed", "mute: not allowed" if target is not me else "a moderator muted you"))
+                return
+            if await self._set_muted(room, target, muted, by_moderator=target is not me, asker=me):
+                log.event(logger, "room.mute", room_id=room.id, participant_id=me.id, target=target.id, muted=muted)
+                room.broadcast()
 
     async def _mute_all(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
         if not self._moderator(me, "mute_all"):
             return
         muted = bool(data.get("muted", True))
-        others = [p for p in room.participants.values() if p is not me]
-        await asyncio.gather(*(self._set_muted(room, p, muted, by_moderator=True, asker=me) for p in others))
+        async with room.mute_lock:
+            room.muted_on_entry = muted
+            others = [p for p in room.participants.values() if p is not me]
+            await asyncio.gather(*(self._set_muted(room, p, muted, by_moderator=True, asker=me) for p in others))
         log.event(logger, "room.mute_all", room_id=room.id, participant_id=me.id, muted=muted)
         room.broadcast()
 
@@ -309,10 +321,11 @@ class LiveRooms:
         if me.kind != "phone" or not isinstance(data.get("janus_id"), str | int) or room.media is None:
             me.send(error("invalid_message", "rtp_joined: janus_id of a phone in the room"))
             return
-        me.janus_id = str(data["janus_id"])
-        log.event(logger, "phone.rtp_joined", room_id=room.id, participant_id=me.id)
-        if me.muted:  # muted before it reached the AudioBridge
-            await self._set_muted(room, me, True, by_moderator=me.muted_by_moderator, asker=me)
+        async with room.mute_lock:
+            me.janus_id = str(data["janus_id"])
+            log.event(logger, "phone.rtp_joined", room_id=room.id, participant_id=me.id)
+            if me.muted:  # muted before it reached the AudioBridge
+                await self._set_muted(room, me, True, by_moderator=me.muted_by_moderator, asker=me)
 
     async def _offer(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
         pc, sdp = data.get("pc"), data.get("sdp")
@@ -323,9 +336,10 @@ class LiveRooms:
             if pc == "audio":
                 muted = me.muted
                 answer = await me.peer.join_audio(sdp, muted)
-                me.janus_id = me.id
-                if me.muted != muted:  # changed while Janus was answering
-                    await self._set_muted(room, me, me.muted, by_moderator=me.muted_by_moderator, asker=me)
+                async with room.mute_lock:
+                    me.janus_id = me.id
+                    if me.muted != muted:  # changed while Janus was answering
+                        await self._set_muted(room, me, me.muted, by_moderator=me.muted_by_moderator, asker=me)
             else:
                 answer = await me.peer.publish(sdp)
         except JanusError as exc:

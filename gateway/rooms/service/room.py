@@ -87,7 +87,9 @@ class Room:
         self.media: JanusRoom | None = None  # the AudioBridge and VideoRoom rooms while anyone is here
         self.publishing: set[str] = set()  # browsers whose camera Janus relays (their VideoRoom feed is up)
         self.lock = asyncio.Lock()  # joins, leaves and deletion: one at a time (the Janus rooms' lifecycle)
+        self.mute_lock = asyncio.Lock()  # mutes and unmutes: one at a time, in the order they were asked
         self.closed = False
+        self.muted_on_entry = False  # after a moderator's mute-all (until unmute-all): newcomers join muted by it
 
     @property
     def moderator_present(self) -> bool:

@@ -6,15 +6,22 @@ it beside the worker).
 
 REST (HTTP Basic: a project's app_id:app_key, which sees its own rooms only, or the service's
 api_user:api_key, which sees every room and creates rooms in `project` (default: the first configured)):
-    POST   /video/v1/rooms                          {name, settings: {sip: {enabled}, wait_for_moderator}}
+    POST   /video/v1/rooms                          {name, settings: {sip: {enabled}, wait_for_moderator,
+                                                     allow_self_unmute}}
     GET    /video/v1/rooms/{room_id}
     GET    /video/v1/rooms/{room_id}/participants
     DELETE /video/v1/rooms/{room_id}
+    Every source gets `auth_failures_per_minute` bad credentials, then 429 (Retry-After) until its minute ends.
 Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
-    GET    /rooms/{room_id}          the web page
-    GET    /rooms/{room_id}/ws       JSON messages, below
+    GET    /rooms/{room_id}          the web page (its script and style: /static/room.js, /static/room.css)
+    GET    /rooms/{room_id}/ws       JSON messages, below. Refused before the upgrade: 403 forbidden_origin (a page of
+                                     another origin), 403 invalid_host_link / host_link_expired, 429
     POST   /rooms/{room_id}/dial     {to, host}: a moderator calls a phone into the room (the Voice API, with the
                                      room's project's credentials and its first number with out=true)
+A host TOKEN is EXPIRES.MAC, good for `host_link_days` (fresh links: GET /video/v1/rooms/{room_id}, `gateway
+rooms create`); a phone token (the worker's, one per join) is good for a minute. Only the service's own origin
+(the Host it is reached at, `url`, `allowed_origins`) may open the WebSocket from a browser; clients without an
+Origin (the worker) authenticate with their token.
 
 WebSocket messages (JSON objects, `type` first):
   from a browser  join {kind: "browser", name}; offer {pc: "audio"|"video", sdp}; answer {pc: "sub", sdp}
@@ -25,21 +32,23 @@ WebSocket messages (JSON objects, `type` first):
   to a phone      joined {participant_id, role, state, janus: {url, room}} (the worker joins the AudioBridge
                   there with the Janus API secret, then says rtp_joined)
   to everyone     state {participants: [{id, name, kind, role, muted, talking}], locked, moderator_present,
-                  wait_for_moderator}; removed; room_closed; error {code, message} (room_locked, not_allowed,
-                  media_server_error, media_server_lost: the socket is closed after it)
+                  wait_for_moderator}; removed; room_closed; error {code, message} (room_locked, room_full,
+                  not_allowed, invalid_message, media_server_error, media_server_lost: the socket is closed after
+                  the last one)
+Names are cleaned (`security.clean_name`); a moderator's mute holds unless the room has allow_self_unmute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -47,15 +56,21 @@ from aiohttp import WSMsgType, web
 from ... import log
 from ...cluster.janus import JanusSecrets
 from ...config import Config
+from ...sources import FailureWindow, source_key
 from ...store.projects import ProjectStore
 from ...store.rooms import RoomStore
-from ..directory import publish_room, unpublish_room
+from ..directory import pin_key, publish_room, unpublish_room
+from . import security
 from .janus_rooms import JanusPool, janus_urls
 from .live import MAX_NAME, LiveRooms
 
 logger = logging.getLogger("gateway.rooms")
-PAGE = Path(__file__).parent / "static" / "room.html"
+STATIC = Path(__file__).parent / "static"
+PAGE = STATIC / "room.html"
+ASSETS = {"room.js": "text/javascript", "room.css": "text/css"}  # what /static/ serves
 DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
+PHONE_TOKEN_S = 60  # a phone token is good this long: the worker makes one per join
+MAX_CREDENTIAL = 256  # longer Basic user names or keys are refused before any lookup
 
 
 def service_secrets(config: Config) -> dict[str, str]:
@@ -80,23 +95,82 @@ def service_secrets(config: Config) -> dict[str, str]:
     return stored
 
 
-def host_token(secret: str, room_id: str) -> str:
-    return hmac.new(secret.encode(), f"host:{room_id}".encode(), hashlib.sha256).hexdigest()[:24]
+def host_token(secret: str, room_id: str, expires: int) -> str:
+    """The moderators' token of a room (in the host link), good until `expires` (Unix time)."""
+    return security.sign(secret, f"host:{room_id}", expires)
 
 
-def phone_token(secret: str, room_id: str, role: str) -> str:
-    return hmac.new(secret.encode(), f"phone:{room_id}:{role}".encode(), hashlib.sha256).hexdigest()
+def check_host_token(secret: str, room_id: str, token: object, now: float | None = None) -> str:
+    """"ok", "expired" or "invalid"."""
+    return security.verify(secret, f"host:{room_id}", token, time.time() if now is None else now)
 
 
-def room_links(config: Config, secret: str, room_id: str) -> dict[str, str]:
-    """The page for participants, and the moderator (host) page."""
+def phone_token(secret: str, room_id: str, role: str, now: float | None = None) -> str:
+    """The worker's token for one join of a phone in `role`: good for PHONE_TOKEN_S from `now`."""
+    expires = int((time.time() if now is None else now) + PHONE_TOKEN_S)
+    return security.sign(secret, f"phone:{room_id}:{role}", expires)
+
+
+def check_phone_token(secret: str, room_id: str, role: str, token: object, now: float | None = None) -> bool:
+    return security.verify(secret, f"phone:{room_id}:{role}", token, time.time() if now is None else now,
+                           skew=security.CLOCK_SKEW_S) == "ok"
+
+
+def room_links(config: Config, secret: str, room_id: str, now: float | None = None) -> dict[str, str]:
+    """The page for participants, and the moderator (host) page, whose link expires in `host_link_days`."""
     rs = config.room_service
     base = rs.url or f"http://{rs.host}:{rs.port}"
-    return {"join": f"{base}/rooms/{room_id}", "host": f"{base}/rooms/{room_id}?host={host_token(secret, room_id)}"}
+    expires = int((time.time() if now is None else now) + rs.host_link_days * 86400)
+    return {"join": f"{base}/rooms/{room_id}",
+            "host": f"{base}/rooms/{room_id}?host={host_token(secret, room_id, expires)}"}
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response({"error": body}, status=status)
+
+
+def credentials(header: str) -> tuple[str, str] | None:
+    """user, key of an HTTP Basic Authorization header; None for anything else (non-ASCII, not UTF-8, too long)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value.isascii() or len(value) > 4 * MAX_CREDENTIAL:
+        return None
+    try:
+        user, colon, key = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        return None
+    if not colon or len(user) > MAX_CREDENTIAL or len(key) > MAX_CREDENTIAL:
+        return None
+    return user, key
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON; ValueError for anything else (not JSON, not UTF-8, nested too deep)."""
+    try:
+        return await request.json()
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError("the body must be JSON") from exc
+
+
+def is_text(value: object) -> TypeGuard[str]:
+    """A str that is Unicode text: JSON can carry lone surrogates, which UTF-8 (and SQLite) cannot."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def where(exc: BaseException) -> str:
+    """file:line where `exc` was raised: what a log line keeps of a traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
 
 
 class RoomService:
@@ -109,6 +183,9 @@ class RoomService:
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self._dials: dict[str, list[float]] = {}
+        rs = config.room_service
+        self.failures = FailureWindow(rs.auth_failures_per_minute, 60.0)
+        self.origins = {o for o in (security.origin_of(u) for u in [rs.url, *rs.allowed_origins]) if o}
         # several workers: rooms go into the shared directory in Redis as they are made and deleted
         self.redis: Any = None
         if config.cluster.redis_url:
@@ -118,8 +195,9 @@ class RoomService:
         self.voice_api_url = config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"
         self.pool = JanusPool(janus_urls(config), lambda: JanusSecrets.load(config), config.janus.prebuffer,
                               on_lost=lambda server: self.live.server_lost(server))
-        self.live = LiveRooms(config, self.pool, lambda room_id, role: phone_token(self.secret, room_id, role),
-                              lambda room_id: host_token(self.secret, room_id), self.redis)
+        self.live = LiveRooms(config, self.pool,
+                              lambda room_id, role, token: check_phone_token(self.secret, room_id, role, token),
+                              self.redis)
 
     def room_json(self, room: dict[str, Any]) -> dict[str, Any]:
         live = self.live.rooms.get(room["room_id"])
@@ -128,39 +206,81 @@ class RoomService:
         out["participants"] = len(live.participants) if live else 0
         return out
 
+    # -- every request
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The last resort: an unexpected exception is a 500 and one log line, never a traceback."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.event(logger, "rooms.request_failed", logging.ERROR, method=request.method, path=request.path[:200],
+                      error=f"{type(exc).__name__}: {exc}"[:200], at=where(exc))
+            return error(500, "internal_error", "the room service failed to answer")
+
+    @staticmethod
+    async def headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(security.COMMON_HEADERS)
+
+    def throttled(self, request: web.Request) -> web.Response | None:
+        """429 while the request's source is over its authentication failures."""
+        wait = self.failures.blocked(source_key(request.remote))
+        if wait is None:
+            return None
+        r = error(429, "too_many_failures", "too many authentication failures from this address: try again later")
+        r.headers["Retry-After"] = str(wait)
+        return r
+
+    def auth_failed(self, request: web.Request, what: str) -> None:
+        """Count a failure against the request's source: one line each (debug), one warning when it is throttled."""
+        source = source_key(request.remote)
+        log.event(logger, "rooms.auth_failed", logging.DEBUG, source=source, what=what)
+        if self.failures.failed(source):
+            log.event(logger, "rooms.auth_throttled", logging.WARNING, source=source, what=what,
+                      limit=self.failures.limit)
+
     # -- REST
     @web.middleware
     async def auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith("/video/"):
-            header = request.headers.get("Authorization", "")
-            ok = False
-            if header.startswith("Basic "):
-                try:
-                    user, _, key = base64.b64decode(header[6:]).decode().partition(":")
-                    ok = hmac.compare_digest(user, self.config.room_service.api_user) and hmac.compare_digest(key, self.api_key)
-                    request["project"] = None  # the service's own credentials: every room
-                    if not ok:
-                        project = await asyncio.to_thread(self.projects.authenticate, user, key)
-                        ok = project is not None
-                        request["project"] = project.name if project else None
-                except (ValueError, UnicodeDecodeError):
-                    ok = False
-            if not ok:
+            refused = self.throttled(request)
+            if refused is not None:
+                return refused
+            found = await self.authenticate(request.headers.get("Authorization", ""))
+            if found is None:
+                self.auth_failed(request, "api")
                 r = error(401, "unauthorized", "HTTP Basic credentials (app_id:app_key, or api_user:api_key) required")
-                r.headers["WWW-Authenticate"] = 'Basic realm="rooms"'
+                r.headers["WWW-Authenticate"] = 'Basic realm="rooms", charset="UTF-8"'
                 return r
+            request["project"] = found or None  # "": the service's own credentials, which see every room
         return await handler(request)
+
+    async def authenticate(self, header: str) -> str | None:
+        """The project the credentials are a key of, "" for the service's own, None for no one."""
+        creds = credentials(header)
+        if creds is None:
+            return None
+        user, key = creds
+        rs = self.config.room_service
+        if hmac.compare_digest(user.encode(), rs.api_user.encode()) and hmac.compare_digest(key.encode(),
+                                                                                           self.api_key.encode()):
+            return ""
+        if not (user.isascii() and key.isascii()):  # app_ids and app_keys are ASCII
+            return None
+        project = await asyncio.to_thread(self.projects.authenticate, user, key)
+        return project.name if project is not None else None
 
     async def create_room(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            body = await json_body(request)
+        except ValueError:
             return error(400, "invalid_json", "the body must be JSON")
         if not isinstance(body, dict):
             return error(400, "invalid_body", "the body must be a JSON object")
         name = body.get("name")
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
-            return error(400, "invalid_name", f"name: a string of 1-{MAX_NAME} characters")
+        if not is_text(name) or not 0 < len(name) <= MAX_NAME:
+            return error(400, "invalid_name", f"name: a string of 1-{MAX_NAME} characters", "name")
         settings = body.get("settings", {})
         if not isinstance(settings, dict):
             return error(400, "invalid_settings", "settings: an object")
@@ -170,6 +290,9 @@ class RoomService:
         wait = settings.get("wait_for_moderator", False)
         if not isinstance(wait, bool):
             return error(400, "invalid_settings", "settings.wait_for_moderator: a boolean")
+        self_unmute = settings.get("allow_self_unmute", False)
+        if not isinstance(self_unmute, bool):
+            return error(400, "invalid_settings", "settings.allow_self_unmute: a boolean")
         project = request.get("project")
         if project is None:
             project = body.get("project", self.config.projects[0].name if self.config.projects else "")
@@ -177,8 +300,9 @@ class RoomService:
                 return error(400, "invalid_project", "project: the name of an existing project")
         rooms = self.config.rooms
         room = await asyncio.to_thread(self.store.create, name, bool(sip.get("enabled")), rooms.meeting_id_digits,
-                                       rooms.pin_digits, {"wait_for_moderator": wait}, None, project)
-        await self._publish(publish_room, room)
+                                       rooms.pin_digits, {"wait_for_moderator": wait,
+                                                          "allow_self_unmute": self_unmute}, None, project)
+        await self._publish(lambda redis, r: publish_room(redis, r, pin_key(self.secret)), room)  # PINs keyed
         log.event(logger, "room.created", room_id=room["room_id"], sip=bool(sip.get("enabled")), project=project)
         return web.json_response(self.room_json(room), status=201)
 
@@ -221,15 +345,23 @@ class RoomService:
 
     async def dial(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
+        refused = self.throttled(request) or self.foreign(request)
+        if refused is not None:
+            return refused
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+            body = await json_body(request)
+        except ValueError:
             return error(400, "invalid_json", "the body must be JSON")
         if not isinstance(body, dict) or not isinstance(body.get("to"), str):
-            return error(400, "invalid_input", "to: the number (E.164) or sip: URI to call")
-        if not hmac.compare_digest(str(body.get("host", "")), host_token(self.secret, room_id)):
-            return error(403, "not_moderator", "only the room's moderators (the host link) can call out")
+            return error(400, "invalid_input", "to: the number (E.164) or sip: URI to call", "to")
+        verdict = check_host_token(self.secret, room_id, body.get("host"))
+        if verdict != "ok":
+            self.auth_failed(request, "dial")
+            return error(403, "host_link_expired" if verdict == "expired" else "not_moderator",
+                         "only the room's moderators (a valid host link) can call out", "host")
         now = asyncio.get_running_loop().time()
+        for rid in [r for r, times in self._dials.items() if times[-1] <= now - 60]:  # rooms that stopped calling
+            del self._dials[rid]
         recent = [t for t in self._dials.get(room_id, []) if t > now - 60]
         if len(recent) >= DIALS_PER_MINUTE:  # a leaked host link must not become a toll-fraud tool
             return error(429, "too_many_calls", f"at most {DIALS_PER_MINUTE} calls per minute from one room")
@@ -245,7 +377,7 @@ class RoomService:
         payload = {"from": caller_id, "to": body["to"], "name": "Called from the room", "owner_ref": "room-page"}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.post(url, json=payload, auth=aiohttp.BasicAuth(project.app_id, project.app_key)) as r:
+                async with session.post(url, json=payload, auth=aiohttp.BasicAuth(project.app_id, self.projects.internal_key(project))) as r:
                     answer = await r.json(content_type=None)
                     status = r.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -258,11 +390,40 @@ class RoomService:
         room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
         if room is None:
             return web.Response(status=404, text="No such room.", content_type="text/plain")
-        return web.Response(text=PAGE.read_text(), content_type="text/html")
+        return web.Response(text=PAGE.read_text(), content_type="text/html", headers=security.page_headers(request.host))
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ASSETS:
+            return web.Response(status=404, text="Not found.", content_type="text/plain")
+        return web.Response(text=(STATIC / name).read_text(), content_type=ASSETS[name],
+                            headers={"Cache-Control": "no-cache"})
+
+    def foreign(self, request: web.Request) -> web.Response | None:
+        """403 for a browser page of another origin (cross-site WebSocket hijacking, forged POSTs)."""
+        origin = request.headers.get("Origin")
+        if security.origin_allowed(origin, request.host, self.origins):
+            return None
+        log.event(logger, "rooms.origin_refused", logging.WARNING, origin=(origin or "")[:200], path=request.path[:200])
+        return error(403, "forbidden_origin", "pages of another origin may not use this room", "Origin")
 
     # -- signalling
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         room_id = request.match_info["room_id"]
+        refused = self.throttled(request) or self.foreign(request)
+        if refused is not None:
+            return refused
+        moderator = False
+        if "host" in request.query:  # a host link: it must be good, else the page says why (not a silent guest)
+            verdict = check_host_token(self.secret, room_id, request.query["host"])
+            if verdict != "ok":
+                self.auth_failed(request, "host_link")
+                log.event(logger, "rooms.host_link_refused", room_id=room_id[:64], verdict=verdict,
+                          source=request.remote)
+                if verdict == "expired":
+                    return error(403, "host_link_expired", "this host link has expired: ask for a new one", "host")
+                return error(403, "invalid_host_link", "this host link is not valid for this room", "host")
+            moderator = True
         record = await asyncio.to_thread(self.store.get, room_id)
         if record is None:
             return error(404, "room_not_found", "no room with this room_id")
@@ -277,28 +438,39 @@ class RoomService:
                     data = json.loads(msg.data)
                     if not isinstance(data, dict):
                         raise ValueError
-                except ValueError:
+                except (ValueError, RecursionError):
                     await ws.send_json({"type": "error", "code": "invalid_message", "message": "messages are JSON objects"})
                     continue
-                if joined is not None:
-                    room, me = joined
-                    if me.closing:
-                        break
-                    await self.live.command(room, me, data)
-                    if data.get("type") == "leave":
-                        break
-                elif data.get("type") == "join":
-                    joined = await self.live.join(room_id, record.get("settings", {}), ws, data,
-                                                  request.query.get("host", ""))
-                else:
-                    await ws.send_json({"type": "error", "code": "not_joined", "message": "join first"})
+                try:
+                    if joined is not None:
+                        room, me = joined
+                        if me.closing:
+                            break
+                        await self.live.command(room, me, data)
+                        if data.get("type") == "leave":
+                            break
+                    elif data.get("type") == "join":
+                        joined = await self.live.join(room_id, record.get("settings", {}), ws, data, moderator)
+                    else:
+                        await ws.send_json({"type": "error", "code": "not_joined", "message": "join first"})
+                except (ConnectionError, RuntimeError) as exc:  # the socket went while we answered
+                    log.event(logger, "rooms.ws_closed", logging.DEBUG, room_id=room_id, error=str(exc)[:200])
+                    break
+                except Exception as exc:  # noqa: BLE001 - one bad message costs one line, not the socket
+                    log.event(logger, "rooms.message_failed", logging.ERROR, room_id=room_id,
+                              type=str(data.get("type"))[:40], error=f"{type(exc).__name__}: {exc}"[:200],
+                              at=where(exc))
+                    if not ws.closed:
+                        await ws.send_json({"type": "error", "code": "internal_error",
+                                            "message": "the room service could not handle this message"})
         finally:
             if joined is not None:
                 await self.live.leave(*joined)
         return ws
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.auth], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self.errors, self.auth], client_max_size=64 * 1024)
+        app.on_response_prepare.append(self.headers)
         async def healthz(request: web.Request) -> web.Response:
             servers = [{"url": s.url, "connected": s.alive, "rooms": len(s.rooms)} for s in self.pool.servers]
             return web.json_response({"status": "ok", "rooms": len(self.live.rooms), "janus": servers})
@@ -308,6 +480,7 @@ class RoomService:
         app.router.add_get("/video/v1/rooms/{room_id}", self.get_room)
         app.router.add_get("/video/v1/rooms/{room_id}/participants", self.participants)
         app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
+        app.router.add_get("/static/{name}", self.asset)
         app.router.add_get("/rooms/{room_id}", self.page)
         app.router.add_get("/rooms/{room_id}/ws", self.websocket)
         app.router.add_post("/rooms/{room_id}/dial", self.dial)
