@@ -44,17 +44,35 @@ def worker_ports() -> tuple[int, int]:
     return PORTS[0] + index * span, PORTS[0] + (index + 1) * span
 
 
-def port_block(size: int) -> int:
-    """The even first port of `size` ports for a range (a gateway's or Janus's RTP, sipp's media), from this
-    process's share; whoever binds them copes with one taken (the gateway and Janus skip it)."""
+# The share is cut in three, so that a port handed to one use never falls inside another's: single ports (SIP,
+# HTTP, Redis: free_port), sipp's media ports (media_block), and RTP ranges of gateways and Janus (port_block),
+# which bind ports of their range as calls come and go.
+PARTS = {"single": (0.0, 0.25), "media": (0.25, 0.4), "range": (0.4, 1.0)}
+
+
+def port_share(part: str) -> tuple[int, int]:
     low, high = worker_ports()
+    start, end = PARTS[part]
+    return low + int((high - low) * start), low + int((high - low) * end)
+
+
+def port_block(size: int) -> int:
+    """The even first port of `size` ports for an RTP range (a gateway's, Janus's): whoever binds them copes with
+    one taken (the gateway and Janus skip it)."""
+    low, high = port_share("range")
     return random.randrange(low, high - size, 2)
+
+
+def media_block() -> int:
+    """An even port for sipp's media (it binds it and the next three: audio, video, and their RTCP)."""
+    low, high = port_share("media")
+    return random.randrange(low, high - 4, 2)
 
 
 def free_port(kind: str = "both", count: int = 1) -> int:
     """A port free for UDP and TCP on 127.0.0.1 (random within this process's share); with `count`,
     the first of that many consecutive free ports."""
-    low, high = worker_ports()
+    low, high = port_share("single")
     for _ in range(200):
         base = random.randint(low, high - count)
         try:
@@ -188,7 +206,7 @@ def run_sipp(gw_sip: str, *args: str, timeout: float = 60, cwd: Path | None = No
              media_port: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run sipp to completion (bounded in time); the caller asserts on returncode/stdout."""
     port = free_port()
-    media = media_port or port_block(4)
+    media = media_port or media_block()
     cmd = ["sipp", gw_sip, "-i", "127.0.0.1", "-p", str(port), "-mp", str(media), "-nostdin",
            "-timeout", f"{int(timeout) - 5}s", "-timeout_error", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)

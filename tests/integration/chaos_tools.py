@@ -26,7 +26,7 @@ import pytest
 
 from gateway.api.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from gateway.media import g711
-from tests.conftest import ROOT, free_port, janus_env, port_block, scenario, stop_process, wait_until
+from tests.conftest import ROOT, free_port, janus_env, media_block, port_block, scenario, stop_process, wait_until
 from tests.integration.ivr_tools import ivr_scenario, rfc4733
 from tests.integration.test_cluster import Cluster
 from tests.integration.voice_tools import ALLOW_LOOPBACK
@@ -60,7 +60,7 @@ def media_port() -> int:
     ranges the gateways, Janus and free_port() hand out; never one this process handed out before (a sipp started
     a moment ago may not have bound its ports yet)."""
     for _ in range(200):
-        port = port_block(4)
+        port = media_block()
         if port in _handed_out:
             continue
         try:

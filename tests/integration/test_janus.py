@@ -334,3 +334,31 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+STUBBORN_PARENT = """
+import subprocess, sys
+from gateway.cluster.janus import janus_child
+child = subprocess.Popen(["sh", "-c", "trap '' TERM; while :; do sleep 1; done"], preexec_fn=janus_child)
+print(child.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_child_that_ignores_sigterm_still_dies_with_its_parent() -> None:
+    """Janus 1.1.2 can hang in its shutdown: an orphan left by a killed gateway once held its ports for 90 minutes.
+    Janus's preexec_fn asks for SIGKILL, not SIGTERM, when its parent dies: shown with a child that ignores TERM."""
+    parent = subprocess.Popen([sys.executable, "-c", STUBBORN_PARENT], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    pid = 0
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert alive(pid)
+        parent.kill()
+        parent.wait(5)
+        wait_until(lambda: not alive(pid), 10, "the child to end after its parent was killed")
+    finally:
+        stop_process(parent)
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)  # our grandchild, by PID

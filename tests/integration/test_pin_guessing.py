@@ -25,7 +25,7 @@ from tests.conftest import (
     Gateway,
     free_port,
     make_test_config,
-    port_block,
+    media_block,
     scenario,
     start_gateway,
     stop_gateway,
@@ -99,7 +99,7 @@ def sipp(gw: Gateway, source: str, sf: Path, calls: int = 1, did: str = IVR_DID,
     """sipp from `source` (signalling and media), `calls` calls all at once."""
 
     cmd = ["sipp", gw.sip, "-sf", str(sf), "-s", did, "-i", source, "-mi", source, "-p", str(free_port()),
-           "-mp", str(port_block(4)), "-m", str(calls), "-l", str(calls), "-r", str(calls),
+           "-mp", str(media_block()), "-m", str(calls), "-l", str(calls), "-r", str(calls),
            "-nostdin", "-timeout", f"{int(timeout) - 5}s", "-timeout_error"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.api.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
-from tests.conftest import ROOT, Gateway, port_block, wait_until
+from tests.conftest import ROOT, Gateway, media_block, wait_until
 
 # The tests' webhook receivers listen on loopback, which webhooks may reach only when allow-listed.
 ALLOW_LOOPBACK = {"GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.0/8"]'}
@@ -120,7 +120,7 @@ class VoiceClient:
 
 def far_phone(port: int, *args: str, timeout: int = 90) -> subprocess.Popen[str]:
     """sipp as the trunk + far phone (UAS) on `port`: one call, then it exits (0 = the call went as scripted)."""
-    media = port_block(4)
+    media = media_block()
     cmd = ["sipp", "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(media), "-rtp_echo",
            "-m", "1", "-nostdin", "-timeout", f"{timeout}s", "-timeout_error", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
