@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ..calls.ua import UserAgent
 
 logger = logging.getLogger("gateway.api")
+PROJECT = web.RequestKey("project", Project)  # the project whose credentials the request carried
 MAX_TEXT = 128
 MAX_URL = 2048
 JOIN_WAIT_S = 20.0  # PUT join answers once the call is in the room (or the join failed)
@@ -120,7 +121,7 @@ class VoiceApi:
             return await handler(request)  # type: ignore[no-any-return]
         source = source_key(client_source(request, self.trusted_proxies))
         try:
-            request["project"] = self._authenticate(request.headers.get("Authorization", ""), source)
+            request[PROJECT] = self._authenticate(request.headers.get("Authorization", ""), source)
             return await handler(request)  # type: ignore[no-any-return]
         except ApiError as exc:
             self._rejected(request, source, exc)
@@ -174,7 +175,7 @@ class VoiceApi:
         blocked source not at all (its api.auth_blocked warning said it once)."""
         if error.code == "too_many_auth_failures":
             return
-        project = request.get("project")
+        project = request.get(PROJECT)
         quiet = error.status == 401 and "Authorization" not in request.headers
         log.event(logger, "api.rejected", logging.DEBUG if quiet else logging.INFO,
                   status=error.status, code=error.code, field=error.field, method=request.method,
@@ -246,7 +247,7 @@ class VoiceApi:
 
     # -- routes
     async def dial(self, request: web.Request) -> web.Response:
-        project: Project = request["project"]
+        project = request[PROJECT]
         room_id = request.match_info["room_id"]
         body = await self._body(request)
         from_ = _text(body, "from", required=True)
@@ -301,7 +302,7 @@ class VoiceApi:
         await call.supervise(flow())
 
     async def bridge(self, request: web.Request) -> web.Response:
-        project: Project = request["project"]
+        project = request[PROJECT]
         room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
         if (forwarded := await self._forward(request)) is not None:
             return forwarded
@@ -337,7 +338,7 @@ class VoiceApi:
         return web.json_response({"state": "joined", "voice_id": voice_id, "room_id": room_id, "timestamp": timestamp()})
 
     async def remove(self, request: web.Request) -> web.Response:
-        project: Project = request["project"]
+        project = request[PROJECT]
         room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
         park = request.query.get("park", "false").lower()
         if park not in ("true", "false"):
@@ -363,7 +364,7 @@ class VoiceApi:
             return f"no outcome within {timeout:.0f} s"
 
     async def list_calls(self, request: web.Request) -> web.Response:
-        project: Project = request["project"]
+        project = request[PROJECT]
         raw = request.query.get("limit", "100")
         if not LIMIT.fullmatch(raw) or not 1 <= int(raw) <= 1000:
             raise ApiError(400, "invalid_input", "limit: an integer from 1 to 1000", "limit")
@@ -374,7 +375,7 @@ class VoiceApi:
         return web.json_response({"calls": [self._public(r) for r in rows]})
 
     async def get_call(self, request: web.Request) -> web.Response:
-        project: Project = request["project"]
+        project = request[PROJECT]
         voice_id = request.match_info["voice_id"]
         if (forwarded := await self._forward(request)) is not None:
             return forwarded

@@ -123,4 +123,16 @@ def far_phone(port: int, *args: str, timeout: int = 90) -> subprocess.Popen[str]
     media = media_block()
     cmd = ["sipp", "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(media), "-rtp_echo",
            "-m", "1", "-nostdin", "-timeout", f"{timeout}s", "-timeout_error", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    phone = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # ready once its SIP port is taken; if sipp gave up at start (a port it wanted was in use), say why
+    wait_until(lambda: phone.poll() is not None or udp_taken(port), 10, f"the far phone's sipp on port {port}")
+    if phone.poll() is not None:
+        raise AssertionError(f"the far phone's sipp exited at start ({phone.returncode}): {phone.communicate()[0][-2000:]}")
+    return phone
+
+
+def udp_taken(port: int) -> bool:
+    """Whether a UDP socket is bound to `port` (read from /proc/net/udp: trying to bind it would race sipp)."""
+    suffix = f":{port:04X}"
+    lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    return any(line.split()[1].endswith(suffix) for line in lines if len(line.split()) > 1)

@@ -65,6 +65,7 @@ from .janus_rooms import JanusPool, janus_urls
 from .live import MAX_NAME, LiveRooms
 
 logger = logging.getLogger("gateway.rooms")
+PROJECT = web.RequestKey("project", str)  # the authenticated project; absent: the service's own credentials
 STATIC = Path(__file__).parent / "static"
 PAGE = STATIC / "room.html"
 ASSETS = {"room.js": "text/javascript", "room.css": "text/css"}  # what /static/ serves
@@ -253,7 +254,8 @@ class RoomService:
                 r = error(401, "unauthorized", "HTTP Basic credentials (app_id:app_key, or api_user:api_key) required")
                 r.headers["WWW-Authenticate"] = 'Basic realm="rooms", charset="UTF-8"'
                 return r
-            request["project"] = found or None  # "": the service's own credentials, which see every room
+            if found:  # "": the service's own credentials, which see every room
+                request[PROJECT] = found
         return await handler(request)
 
     async def authenticate(self, header: str) -> str | None:
@@ -293,7 +295,7 @@ class RoomService:
         self_unmute = settings.get("allow_self_unmute", False)
         if not isinstance(self_unmute, bool):
             return error(400, "invalid_settings", "settings.allow_self_unmute: a boolean")
-        project = request.get("project")
+        project = request.get(PROJECT)
         if project is None:
             project = body.get("project", self.config.projects[0].name if self.config.projects else "")
             if not isinstance(project, str) or await asyncio.to_thread(self.projects.by_name, project) is None:
@@ -317,7 +319,7 @@ class RoomService:
     async def _visible(self, request: web.Request) -> dict[str, Any] | None:
         """The room named in the path, if it exists and the credentials may see it."""
         room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
-        project = request.get("project")
+        project = request.get(PROJECT)
         return None if room is None or (project is not None and room["project"] != project) else room
 
     async def get_room(self, request: web.Request) -> web.Response:
