@@ -44,6 +44,7 @@ from ..store.cdr import CdrStore
 from .call import Call
 
 logger = logging.getLogger("gateway.ua")
+LISTS_READ_LATER = ("supported", "allow")  # comma-list headers a call reads after it exists
 
 App = Callable[[Call], Awaitable[None]]
 AUTH_FAILURE_LIMIT = 10  # failed digest attempts per source address ...
@@ -256,6 +257,8 @@ class UserAgent:
             return r
         if request.ruri.scheme not in ("sip", "sips"):
             return make_response(request, 416)
+        for name in LISTS_READ_LATER:  # split now, so a malformed one is a 400 here and not an error mid-call
+            request.headers.get_all(name)
         unsupported = [o for o in request.headers.get_all("require") if o.lower() != "timer"]
         if unsupported:
             r = make_response(request, 420)

@@ -96,6 +96,7 @@ LAZY = [  # headers the parser keeps as text and splits only when a handler read
     b"Accept: \"application/sdp\r\n",
     b"Require: \"timer\r\n",
     b"Supported: a, \"b\r\n",
+    b"Allow: INVITE, \"ACK\r\n",
 ]
 
 
@@ -113,3 +114,4 @@ def test_malformed_lazily_parsed_headers_get_400(gateway: Gateway) -> None:
             assert exchange(sock, gateway, invite, 3.0) == [400], header
     log = gateway.log()
     assert '"sip.event_failed"' not in log and "Traceback" not in log
+    assert gateway.calls() == []  # refused before a call existed: nothing half-made left behind
