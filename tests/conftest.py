@@ -60,6 +60,8 @@ def port_block(size: int) -> int:
     """The even first port of `size` ports for an RTP range (a gateway's, Janus's): whoever binds them copes with
     one taken (the gateway and Janus skip it)."""
     low, high = port_share("range")
+    if high - size <= low:
+        raise RuntimeError(f"{size} ports do not fit in this process's share {low}-{high}: fewer TEST_JOBS")
     return random.randrange(low, high - size, 2)
 
 
