@@ -10,13 +10,11 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_sync
-import redis.asyncio as aioredis
 
 from gateway.rooms.directory import SharedDirectory, pin_key, publish_room
 from gateway.store.rooms import RoomStore
@@ -29,7 +27,6 @@ from tests.conftest import (
     scenario,
     start_gateway,
     stop_gateway,
-    stop_process,
     wait_until,
 )
 from tests.integration.ivr_tools import ivr_scenario, reply, rfc4733
@@ -37,27 +34,6 @@ from tests.integration.ivr_tools import ivr_scenario, reply, rfc4733
 STRANGER, MEMBER = "127.0.0.2", "127.0.0.1"
 IVR_DID = "15550100000"
 WRONG = "0000000"  # 7 digits: never one of the 6-digit PINs
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
-                             "no", "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                          text=True).stdout.strip() == "PONG", 10, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_process(proc)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Any]:
-    client = aioredis.from_url(redis_url, decode_responses=True)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 def config(extra: str = "", **ivr: object) -> str:

@@ -3,41 +3,14 @@ the call registry, the room directory (PINs never in clear) and the PIN-guessing
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
-import redis.asyncio as aioredis
 
 from gateway.apps.limits import Limits, RedisLimiter
 from gateway.apps.services import Origin
 from gateway.cluster.registry import RedisRegistry, forget_worker, sweep_expired, workers
 from gateway.rooms.directory import SharedDirectory, pin_key, publish_room, unpublish_room
 from gateway.store.rooms import RoomStore
-from tests.conftest import free_port, stop_process, wait_until
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly",
-                             "no", "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                                          text=True).stdout.strip() == "PONG", 10, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_process(proc)
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Any]:
-    client = aioredis.from_url(redis_url, decode_responses=True)
-    await client.flushdb()
-    yield client
-    await client.aclose()
 
 
 async def test_registry_finds_the_worker_holding_a_call_and_forgets_a_lost_one(redis: Any, redis_url: str) -> None:
