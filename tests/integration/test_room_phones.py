@@ -234,7 +234,7 @@ async def test_phones_in_a_room_on_janus(service: Service, janus: JanusProcess, 
         await guest.join()
         state = await host.state(lambda s: len(s["participants"]) == 2)
         assert {p["kind"] for p in state["participants"]} == {"phone"} and state["moderator_present"]
-        assert set(host.me(state)) == {"id", "name", "kind", "role", "muted", "talking"}
+        assert set(host.me(state)) == {"id", "name", "kind", "role", "muted", "muted_by_moderator", "talking", "video"}
         # the AudioBridge mixes them: each hears the other
         await asyncio.gather(host.hears(1000.0), guest.hears(440.0))
 

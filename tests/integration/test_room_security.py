@@ -219,6 +219,89 @@ async def test_the_page_is_served_with_security_headers(service: Service) -> Non
         assert r.status == 401 and r.headers["Referrer-Policy"] == "no-referrer"
 
 
+async def test_room_info_and_the_start_pages_lookup_give_no_more_than_the_link_or_the_pins(service: Service) -> None:
+    room = await new_room(service, sip={"enabled": True})
+    rid, sip, url = room["room_id"], room["sip"], service.url
+    host = room["links"]["host"].split("host=")[1]
+
+    async def get(path: str) -> tuple[int, Any]:
+        async with service.http.get(url + path) as r:
+            return r.status, await r.json()
+
+    status, info = await get(f"/rooms/{rid}/info")  # the link's holder: the name and the PIN, not the moderator PIN
+    assert status == 200 and info["name"] == "r" and info["role"] == "participant", info
+    assert info["dial_in"]["meeting_id"] == sip["meeting_id"] and info["dial_in"]["pin"] == sip["pin"]
+    assert "mpin" not in info["dial_in"] and sip["mpin"] not in json.dumps(info)
+    status, info = await get(f"/rooms/{rid}/info?host={host}")
+    assert status == 200 and info["dial_in"]["mpin"] == sip["mpin"] and info["role"] == "moderator"
+    status, err = await get(f"/rooms/{rid}/info?host=1.{'0' * 32}")
+    assert status == 403 and err["error"]["code"] == "invalid_host_link"
+    plain = (await new_room(service))["room_id"]
+    assert (await get(f"/rooms/{plain}/info"))[1]["dial_in"] is None  # no SIP: nothing to dial
+    assert (await get("/rooms/nope/info"))[0] == 404
+    status, err = await get(f"/rooms/{rid}/dial/abc?host=x")  # a call's progress: moderators only
+    assert status == 403 and err["error"]["code"] == "not_moderator"
+
+    async def lookup(body: Any, headers: dict[str, str] | None = None,
+                     session: aiohttp.ClientSession | None = None) -> tuple[int, Any]:
+        async with (session or service.http).post(f"{url}/rooms/lookup", json=body, headers=headers) as r:
+            return r.status, await r.json()
+
+    wrong_pin = str((int(sip["pin"]) + 1) % 10 ** len(sip["pin"])).zfill(len(sip["pin"]))
+    missing = await lookup({"meeting_id": "1" + sip["meeting_id"], "pin": sip["pin"]})
+    wrong = await lookup({"meeting_id": sip["meeting_id"], "pin": wrong_pin})
+    assert missing == wrong and wrong[0] == 404  # which part was wrong is not told
+    status, found = await lookup({"meeting_id": sip["meeting_id"], "pin": sip["pin"]})
+    assert status == 200 and found == {"room_id": rid, "role": "participant", "url": f"/rooms/{rid}"}
+    status, found = await lookup({"meeting_id": sip["meeting_id"], "pin": sip["mpin"]})
+    assert status == 200 and found["role"] == "moderator"
+    assert security.verify(service.service.secret, f"host:{rid}", found["url"].split("host=")[1], time.time()) == "ok"
+    for body, field in (({"meeting_id": sip["meeting_id"]}, "pin"), ({"meeting_id": "12a", "pin": "1"}, "meeting_id"),
+                        ({"meeting_id": "١٢٣", "pin": "1"}, "meeting_id")):
+        status, err = await lookup(body)
+        assert status == 400 and err["error"]["field"] == field, (body, err)
+    status, err = await lookup({"meeting_id": sip["meeting_id"], "pin": sip["pin"]}, {"Origin": EVIL})
+    assert status == 403 and err["error"]["code"] == "forbidden_origin"
+    # guessing the PIN of one meeting from many addresses: the meeting's own budget ends it
+    budget = service.service.meeting_failures.limit
+    answers = []
+    for i in range(budget + 1):
+        connector = aiohttp.TCPConnector(local_addr=(f"127.0.{1 + i // 250}.{2 + i % 250}", 0))
+        async with aiohttp.ClientSession(connector=connector) as stranger:
+            answers.append((await lookup({"meeting_id": sip["meeting_id"], "pin": wrong_pin}, session=stranger))[0])
+    assert answers[-1] == 429 and 404 in answers, answers
+    assert (await lookup({"meeting_id": sip["meeting_id"], "pin": sip["pin"]}))[0] == 429  # until its minute ends
+
+
+async def test_a_page_joins_muted_without_camera_and_turns_its_camera_on_and_off(service: Service) -> None:
+    rid = (await new_room(service))["room_id"]
+    ann, bob = Page(service, rid), Page(service, rid)
+    try:
+        joined = await ann.join("Ann", muted=True, video=False)
+        me = next(p for p in joined["state"]["participants"] if p["id"] == joined["participant_id"])
+        assert me["muted"] and not me["muted_by_moderator"] and not me["video"]
+        await ann.send({"type": "mute", "muted": False})  # muted by oneself: one's own to undo
+        await ann.next(lambda m: m["type"] == "state" and not m["participants"][0]["muted"])
+        await bob.join("Bob", video=True)
+        for on in (False, True):
+            await bob.send({"type": "camera", "on": on})
+            await ann.next(lambda m, on=on: m["type"] == "state" and [p["video"] for p in m["participants"]] == [False, on])
+        await bob.send({"type": "camera", "on": "yes"})
+        assert (await bob.next(lambda m: m["type"] == "error"))["code"] == "invalid_message"
+    finally:
+        await ann.close()
+        await bob.close()
+
+
+async def test_the_start_page_and_favicon(service: Service) -> None:
+    async with service.http.get(f"{service.url}/") as r:
+        page = await r.text()
+        assert r.status == 200 and "Content-Security-Policy" in r.headers and '<script src="/static/start.js"' in page
+    for path in ("/favicon.ico", "/static/favicon.svg"):
+        async with service.http.get(service.url + path) as r:
+            assert r.status == 200 and r.content_type == "image/svg+xml" and (await r.text()).startswith("<svg")
+
+
 # -- finding 11: tokens expire
 
 

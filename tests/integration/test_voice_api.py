@@ -296,6 +296,7 @@ def test_moderator_calls_a_phone_from_the_room_page(voice: Voice) -> None:
     try:
         browser.join(links["host"], "Host")
         assert browser.gw()["role"] == "moderator"
+        browser.click("#peoplebtn")  # the panel: people, the host's controls
         browser.driver.find_element("id", "dialto").send_keys("15551230042")
         browser.driver.find_element("id", "dialbtn").click()
         dial = wait_until(lambda: browser.gw().get("dial"), 15, "the page's dial answer")
@@ -303,8 +304,16 @@ def test_moderator_calls_a_phone_from_the_room_page(voice: Voice) -> None:
         wait_until(lambda: any(p["kind"] == "phone" for p in browser.participants()), 30, "the phone on the page")
         assert any(p["kind"] == "phone" and "0042" in p["text"] for p in browser.listed())
         assert voice.hooks.wait_state(dial["voice_id"], "joined")[-1] == "joined"
+        # the host follows the call: answered, then in the room (ringing too, when it lasts a poll or more)
+        wait_until(lambda: "in the room" in browser.gw()["dialProgress"], 15, "the call's progress on the page")
+        assert "15551230042: in the room" in browser.text("dialstatus")
+        progress = browser.gw()["dialProgress"]
+        assert progress.index("in the room") == len(progress) - 1 and set(progress) <= {"calling", "ringing", "answered",
+                                                                                          "in the room"}, progress
         vid = dial["voice_id"]
         assert voice.client(voice.acme)("DELETE", f"/voice/v1/room/{room['room_id']}/call/{vid}")[0] == 200
+        wait_until(lambda: browser.gw()["dialProgress"][-1] == "ended", 15, "the call's end on the page")
+        assert "15551230042: ended" in browser.text("dialstatus")
         finish(phone)
     finally:
         browser.close()

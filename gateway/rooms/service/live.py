@@ -96,10 +96,11 @@ class LiveRooms:
             async with room.lock:
                 if room.closed:
                     continue
-                return await self._join_locked(room, ws, kind, name, role)
+                return await self._join_locked(room, ws, kind, name, role, data.get("muted") is True,
+                                               data.get("video") is True)
 
-    async def _join_locked(self, room: Room, ws: web.WebSocketResponse, kind: str, name: str,
-                           role: str) -> tuple[Room, Participant] | None:
+    async def _join_locked(self, room: Room, ws: web.WebSocketResponse, kind: str, name: str, role: str,
+                           data_muted: bool, camera: bool) -> tuple[Room, Participant] | None:
         if room.locked and role != "moderator":
             await ws.send_json(error("room_locked", "the room is locked"))
             return None
@@ -120,6 +121,9 @@ class LiveRooms:
         me = new_participant(name, kind, role, ws)
         if room.muted_on_entry and role != "moderator":  # leaving and coming back does not undo a mute-all
             me.muted = me.muted_by_moderator = True
+        elif kind == "browser" and data_muted:  # the page's choice before joining ("join muted")
+            me.muted = True
+        me.camera = kind == "browser" and camera
         joined: dict[str, Any] = {"type": "joined", "participant_id": me.id, "role": role}
         if kind == "phone":
             joined["janus"] = {"url": room.media.server.url, "room": room.media.room_id}
@@ -316,6 +320,16 @@ class LiveRooms:
             me.talking = talking
             room.broadcast()
 
+    async def _camera(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
+        """A browser turned its camera on or off (the track stays published: others show its avatar meanwhile)."""
+        on = data.get("on")
+        if me.kind != "browser" or not isinstance(on, bool):
+            me.send(error("invalid_message", "camera: {on: true|false}, from a browser"))
+            return
+        if me.camera != on:
+            me.camera = on
+            room.broadcast()
+
     async def _rtp_joined(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
         """The worker joined the AudioBridge: its Janus id is how we mute and kick it."""
         if me.kind != "phone" or not isinstance(data.get("janus_id"), str | int) or room.media is None:
@@ -370,7 +384,7 @@ class LiveRooms:
         return me.role == "moderator"
 
     HANDLERS: dict[str, Callable[[LiveRooms, Room, Participant, dict[str, Any]], Awaitable[None]]] = {
-        "mute": _mute, "mute_all": _mute_all, "lock": _lock, "remove": _remove, "talking": _talking,
+        "mute": _mute, "mute_all": _mute_all, "lock": _lock, "remove": _remove, "talking": _talking, "camera": _camera,
         "rtp_joined": _rtp_joined, "offer": _offer, "answer": _answer, "leave": _leave,
     }
 

@@ -37,6 +37,7 @@ class Participant:
     muted: bool = False
     muted_by_moderator: bool = False  # then only a moderator may unmute
     talking: bool = False
+    camera: bool = False  # a browser whose camera is on (its page says so: others show its video, else an avatar)
     janus_id: str = ""  # the AudioBridge participant id (a phone's comes with `rtp_joined`)
     peer: BrowserPeer | None = None  # a browser's media on Janus
     outbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
@@ -45,7 +46,7 @@ class Participant:
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "kind": self.kind, "role": self.role, "muted": self.muted,
-                "talking": self.talking}
+                "muted_by_moderator": self.muted_by_moderator, "talking": self.talking, "video": self.camera}
 
     def start(self) -> None:
         self.writer = asyncio.get_running_loop().create_task(self._write(), name=f"room-ws-{self.id}")

@@ -13,25 +13,31 @@ api_user:api_key, which sees every room and creates rooms in `project` (default:
     DELETE /video/v1/rooms/{room_id}
     Every source gets `auth_failures_per_minute` bad credentials, then 429 (Retry-After) until its minute ends.
 Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
+    GET    /                         the start page: what this is, join by link or by meeting ID and PIN
+    POST   /rooms/lookup             {meeting_id, pin}: the room's link (a host link for the moderator PIN); misses
+                                     count against the source and the meeting ID
     GET    /rooms/{room_id}          the web page (its script and style: /static/room.js, /static/room.css)
+    GET    /rooms/{room_id}/info     ?host=: its name and dial-in details (numbers, meeting ID, PIN; mpin for hosts)
     GET    /rooms/{room_id}/ws       JSON messages, below. Refused before the upgrade: 403 forbidden_origin (a page of
                                      another origin), 403 invalid_host_link / host_link_expired, 429
     POST   /rooms/{room_id}/dial     {to, host}: a moderator calls a phone into the room (the Voice API, with the
                                      room's project's credentials and its first number with out=true)
+    GET    /rooms/{room_id}/dial/{voice_id}?host=TOKEN   that call's progress (state, phase, reason, sip_code)
 A host TOKEN is EXPIRES.MAC, good for `host_link_days` (fresh links: GET /video/v1/rooms/{room_id}, `gateway
 rooms create`); a phone token (the worker's, one per join) is good for a minute. Only the service's own origin
 (the Host it is reached at, `url`, `allowed_origins`) may open the WebSocket from a browser; clients without an
 Origin (the worker) authenticate with their token.
 
 WebSocket messages (JSON objects, `type` first):
-  from a browser  join {kind: "browser", name}; offer {pc: "audio"|"video", sdp}; answer {pc: "sub", sdp}
+  from a browser  join {kind: "browser", name, muted?, video?}; camera {on}; offer {pc: "audio"|"video", sdp}; answer {pc: "sub", sdp}
   from a phone    join {kind: "phone", name, token, role, media: "rtp"}; rtp_joined {janus_id}; talking {talking}
   from either     mute {participant_id?, muted}; mute_all {muted}; lock {locked}; remove {participant_id}; leave
   to a browser    joined {participant_id, role, state, ice_servers}; answer {pc, sdp};
                   offer {pc: "sub", sdp, streams: [{mid, feed, kind, active}]}
   to a phone      joined {participant_id, role, state, janus: {url, room}} (the worker joins the AudioBridge
                   there with the Janus API secret, then says rtp_joined)
-  to everyone     state {participants: [{id, name, kind, role, muted, talking}], locked, moderator_present,
+  to everyone     state {participants: [{id, name, kind, role, muted, muted_by_moderator, talking, video}], locked,
+                  moderator_present,
                   wait_for_moderator}; removed; room_closed; error {code, message} (room_locked, room_full,
                   not_allowed, invalid_message, media_server_error, media_server_lost: the socket is closed after
                   the last one)
@@ -68,7 +74,9 @@ logger = logging.getLogger("gateway.rooms")
 PROJECT = web.RequestKey("project", str)  # the authenticated project; absent: the service's own credentials
 STATIC = Path(__file__).parent / "static"
 PAGE = STATIC / "room.html"
-ASSETS = {"room.js": "text/javascript", "room.css": "text/css"}  # what /static/ serves
+START = STATIC / "start.html"
+ASSETS = {"room.js": "text/javascript", "room.css": "text/css", "start.js": "text/javascript",
+          "favicon.svg": "image/svg+xml"}  # what /static/ serves
 DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
 PHONE_TOKEN_S = 60  # a phone token is good this long: the worker makes one per join
 MAX_CREDENTIAL = 256  # longer Basic user names or keys are refused before any lookup
@@ -186,6 +194,7 @@ class RoomService:
         self._dials: dict[str, list[float]] = {}
         rs = config.room_service
         self.failures = FailureWindow(rs.auth_failures_per_minute, 60.0)
+        self.meeting_failures = FailureWindow(config.ivr.pin_failures_per_meeting or 30, 60.0)  # the start page
         self.origins = {o for o in (security.origin_of(u) for u in [rs.url, *rs.allowed_origins]) if o}
         # several workers: rooms go into the shared directory in Redis as they are made and deleted
         self.redis: Any = None
@@ -375,17 +384,42 @@ class RoomService:
         caller_id = next((n.number for n in project.numbers if n.outbound), None) if project else None
         if project is None or caller_id is None:
             return error(409, "no_caller_id", f"project {room['project']!r} has no number with out=true to call from")
-        url = f"{self.voice_api_url}/voice/v1/room/{room_id}/join"
         payload = {"from": caller_id, "to": body["to"], "name": "Called from the room", "owner_ref": "room-page"}
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.post(url, json=payload, auth=aiohttp.BasicAuth(project.app_id, self.projects.internal_key(project))) as r:
-                    answer = await r.json(content_type=None)
-                    status = r.status
+            status, answer = await self._voice_api("POST", f"/voice/v1/room/{room_id}/join", project, payload)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return error(502, "voice_api_unreachable", f"the gateway's Voice API did not answer: {exc}")
         log.event(logger, "room.dial", room_id=room_id, status=status, voice_id=(answer or {}).get("voice_id"))
         return web.json_response(answer, status=status)
+
+    async def _voice_api(self, method: str, path: str, project: Any, payload: Any = None) -> tuple[int, Any]:
+        """Call the gateway's Voice API as the room's project (its internal key: the app_key is not kept)."""
+        auth = aiohttp.BasicAuth(project.app_id, self.projects.internal_key(project))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.request(method, f"{self.voice_api_url}{path}", json=payload, auth=auth) as r:
+                return r.status, await r.json(content_type=None)
+
+    async def dial_progress(self, request: web.Request) -> web.Response:
+        """A moderator's page follows the call it placed: ringing, answered, in the room, or ended and why."""
+        room_id, voice_id = request.match_info["room_id"], request.match_info["voice_id"]
+        refused = self.throttled(request) or self.foreign(request)
+        if refused is not None:
+            return refused
+        if check_host_token(self.secret, room_id, request.query.get("host")) != "ok":
+            self.auth_failed(request, "dial")
+            return error(403, "not_moderator", "only the room's moderators (a valid host link) follow calls", "host")
+        room = await asyncio.to_thread(self.store.get, room_id)
+        project = await asyncio.to_thread(self.projects.by_name, room["project"]) if room else None
+        if room is None or project is None or len(voice_id) > 64:
+            return error(404, "call_not_found", "no such call from this room", "voice_id")
+        try:
+            status, call = await self._voice_api("GET", f"/voice/v1/calls/{voice_id}", project)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return error(502, "voice_api_unreachable", f"the gateway's Voice API did not answer: {exc}")
+        if status != 200 or not isinstance(call, dict) or call.get("room_id") not in (room_id, None):
+            return error(404, "call_not_found", "no such call from this room", "voice_id")
+        return web.json_response({k: call.get(k) for k in ("voice_id", "state", "phase", "reason", "sip_code",
+                                                            "answered_at", "ended_at")})
 
     # -- page
     async def page(self, request: web.Request) -> web.Response:
@@ -393,6 +427,89 @@ class RoomService:
         if room is None:
             return web.Response(status=404, text="No such room.", content_type="text/plain")
         return web.Response(text=PAGE.read_text(), content_type="text/html", headers=security.page_headers(request.host))
+
+    def dial_in_numbers(self, room: dict[str, Any]) -> list[str]:
+        """The numbers that reach this room: IVR numbers of its project (or shared by every project), and
+        numbers routed straight to it."""
+        out = []
+        for did in self.config.dids:
+            if (did.route == "ivr" and (did.any_project or did.project == room["project"])) or (
+                    did.route == "room" and did.room_id == room["room_id"]):
+                out.append(f"+{did.number}" if did.number.isdigit() else did.number)
+        return list(dict.fromkeys(out))
+
+    async def room_info(self, request: web.Request) -> web.Response:
+        """What the page shows of its room: its name and how to dial in (the moderator PIN with a host link)."""
+        refused = self.throttled(request)
+        if refused is not None:
+            return refused
+        room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
+        if room is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        moderator = "host" in request.query
+        if moderator:
+            verdict = check_host_token(self.secret, room["room_id"], request.query["host"])
+            if verdict != "ok":
+                self.auth_failed(request, "host_link")
+                if verdict == "expired":
+                    return error(403, "host_link_expired", "this host link has expired: ask for a new one", "host")
+                return error(403, "invalid_host_link", "this host link is not valid for this room", "host")
+        sip, dial_in = room["sip"], None
+        if sip["enabled"]:
+            dial_in = {"numbers": self.dial_in_numbers(room), "meeting_id": sip["meeting_id"], "pin": sip["pin"]}
+            if moderator:
+                dial_in["mpin"] = sip["mpin"]
+        return web.json_response({"room_id": room["room_id"], "name": room["name"],
+                                  "role": "moderator" if moderator else "participant", "dial_in": dial_in},
+                                 headers={"Cache-Control": "no-store"})
+
+    async def lookup(self, request: web.Request) -> web.Response:
+        """The start page's "join by meeting ID": the meeting ID and its PIN (or moderator PIN) give the room's
+        link, as the IVR would let a caller in. One answer for every miss (no telling which part was wrong),
+        counted against the source and against the meeting ID (guessers spread over many addresses)."""
+        refused = self.throttled(request) or self.foreign(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await json_body(request)
+        except ValueError:
+            return error(400, "invalid_json", "the body must be JSON")
+        if not isinstance(body, dict):
+            return error(400, "invalid_body", "the body must be a JSON object")
+        for field in ("meeting_id", "pin"):
+            value = body.get(field)
+            if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 20:
+                return error(400, "invalid_input", f"{field}: digits", field)
+        meeting_id, pin = body["meeting_id"], body["pin"]
+        if (wait := self.meeting_failures.blocked(meeting_id)) is not None:
+            r = error(429, "too_many_failures", "too many wrong PINs for this meeting: try again later")
+            r.headers["Retry-After"] = str(wait)
+            return r
+        room = await asyncio.to_thread(self.store.by_meeting, meeting_id)
+        role = None
+        if room is not None:
+            if hmac.compare_digest(pin.encode(), (room["sip"]["mpin"] or "").encode()):
+                role = "moderator"
+            elif hmac.compare_digest(pin.encode(), (room["sip"]["pin"] or "").encode()):
+                role = "participant"
+        if room is None or role is None:
+            self.auth_failed(request, "lookup")
+            self.meeting_failures.failed(meeting_id)
+            return error(404, "not_found", "no meeting with this meeting ID and PIN")
+        url = f"/rooms/{room['room_id']}"
+        if role == "moderator":
+            expires = int(time.time() + self.config.room_service.host_link_days * 86400)
+            url += f"?host={host_token(self.secret, room['room_id'], expires)}"
+        log.event(logger, "room.lookup", room_id=room["room_id"], role=role)
+        return web.json_response({"room_id": room["room_id"], "role": role, "url": url},
+                                  headers={"Cache-Control": "no-store"})
+
+    async def start_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=START.read_text(), content_type="text/html", headers=security.page_headers(request.host))
+
+    async def favicon(self, request: web.Request) -> web.Response:
+        return web.Response(text=(STATIC / "favicon.svg").read_text(), content_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
 
     async def asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -482,10 +599,15 @@ class RoomService:
         app.router.add_get("/video/v1/rooms/{room_id}", self.get_room)
         app.router.add_get("/video/v1/rooms/{room_id}/participants", self.participants)
         app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
+        app.router.add_get("/", self.start_page)
+        app.router.add_get("/favicon.ico", self.favicon)
         app.router.add_get("/static/{name}", self.asset)
+        app.router.add_post("/rooms/lookup", self.lookup)
         app.router.add_get("/rooms/{room_id}", self.page)
         app.router.add_get("/rooms/{room_id}/ws", self.websocket)
+        app.router.add_get("/rooms/{room_id}/info", self.room_info)
         app.router.add_post("/rooms/{room_id}/dial", self.dial)
+        app.router.add_get("/rooms/{room_id}/dial/{voice_id}", self.dial_progress)
         return app
 
     async def close(self) -> None:

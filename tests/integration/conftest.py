@@ -1,0 +1,44 @@
+"""Fixtures of the WebRTC tests (rooms on Janus with Chromium): a gateway in a network namespace, browsers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, wait_until
+from tests.integration.browser import Browser, tone_wav
+from tests.integration.netns import network_namespace
+
+JANUS_RTP = (61000, 61999)  # outside free_port()'s range, the gateway's RTP ports and the ephemeral ports
+
+
+@pytest.fixture
+def bridge_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    with network_namespace():
+        env = {"GATEWAY_JANUS_HTTP_PORT": str(free_port()), "GATEWAY_JANUS_WS_PORT": str(free_port()),
+               "GATEWAY_JANUS_RTP_PORT_MIN": str(JANUS_RTP[0]), "GATEWAY_JANUS_RTP_PORT_MAX": str(JANUS_RTP[1])}
+        gw = start_gateway(tmp_path, make_test_config(), env)
+        try:
+            wait_until(lambda: all(f'"{e}"' in gw.log() for e in ("prompts.ready", "rooms.started", "janus.started")),
+                       60, "prompts, the room service and Janus")
+            yield gw
+        finally:
+            stop_gateway(gw)
+
+
+@pytest.fixture
+def browsers(tmp_path: Path) -> Iterator[Any]:
+    """browsers(name, freq): a Chromium whose microphone plays a tone; all of them closed at the end."""
+    opened: list[Browser] = []
+
+    def make(name: str, freq: float) -> Browser:
+        b = Browser(tmp_path / name, tone_wav(tmp_path / f"{name}.wav", freq))
+        opened.append(b)
+        return b
+
+    yield make
+    for b in opened:
+        b.close()
