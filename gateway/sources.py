@@ -49,9 +49,12 @@ class FailureWindow:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.limit, self.window, self.max_sources, self.clock = limit, window, max_sources, clock
         self._sources: OrderedDict[str, _Failures] = OrderedDict()  # least recently failing first
+        # keys at their limit, kept apart (key -> when their window ends): failures on many other keys, which
+        # push the oldest counting keys out, must not free a blocked one before its window ends
+        self._blocked: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self._sources.keys() | self._blocked.keys())
 
     def count(self, key: str) -> int:
         entry = self._sources.get(key)
@@ -61,14 +64,17 @@ class FailureWindow:
         """Whole seconds until `key` may try again, or None while it may."""
         if self.limit <= 0:
             return None
-        entry = self._sources.get(key)
-        if entry is None:
+        until = self._blocked.get(key)
+        if until is None:
             return None
         now = self.clock()
-        if now - entry.start >= self.window:
-            del self._sources[key]
+        if now >= until:
+            del self._blocked[key]
+            entry = self._sources.get(key)
+            if entry is not None and now - entry.start >= self.window:
+                del self._sources[key]
             return None
-        return max(1, math.ceil(entry.start + self.window - now)) if entry.count >= self.limit else None
+        return max(1, math.ceil(until - now))
 
     def failed(self, key: str) -> bool:
         """Count a failure; True exactly when this one reaches the limit (log it then: once per window)."""
@@ -82,6 +88,9 @@ class FailureWindow:
         entry.count += 1
         entry.last = now
         self._sources.move_to_end(key)
+        if entry.count >= self.limit:
+            self._blocked[key] = entry.start + self.window
+            self._blocked.move_to_end(key)
         self._expire(now)
         return entry.count == self.limit
 
@@ -92,3 +101,9 @@ class FailureWindow:
             if now - oldest.last < self.window and len(sources) <= self.max_sources:
                 break
             del sources[key]
+        blocked = self._blocked  # ordered by when they reached the limit: the front ends first (same window)
+        while blocked:
+            key, until = next(iter(blocked.items()))
+            if now < until and len(blocked) <= self.max_sources:
+                break
+            del blocked[key]

@@ -37,6 +37,19 @@ def test_auth_failures_are_bounded_whatever_the_number_of_sources() -> None:
     assert len(f) == 1  # expired sources go first
 
 
+def test_a_blocked_key_stays_blocked_while_failures_on_other_keys_flood_the_table() -> None:
+    # a guesser spread over many keys (say meeting IDs, or addresses) cannot free the key it wants to guess
+    clock = Clock()
+    f = FailureWindow(limit=3, window=60, max_sources=100, clock=clock)
+    for _ in range(3):
+        f.failed("target")
+    for i in range(10_000):
+        f.failed(f"other-{i}")
+    assert f.blocked("target") == 60 and len(f) <= 201
+    clock.now += 60
+    assert f.blocked("target") is None
+
+
 def test_source_keys() -> None:
     assert source_key("192.0.2.7") == "192.0.2.7"
     assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
