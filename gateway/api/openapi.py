@@ -49,7 +49,8 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Bridge a live call (in the IVR, parked, an `api` DID, or in another room) into the room",
                 "parameters": [_ROOM, _VOICE],
                 "responses": {"200": _ok("CallState", "the call is in the room (state joined)"), **_COMMON,
-                              "409": _error("the call is not in a bridgeable state"),
+                              "409": _error("the call is not in a bridgeable state (call_not_bridgeable), or it has "
+                                            "ended meanwhile (call_ended: e.g. the caller hung up after `incoming`)"),
                               "500": _error("room join failed")},
             }
         },
@@ -59,7 +60,7 @@ OPENAPI: dict[str, Any] = {
                 "parameters": [_ROOM, _VOICE, {"name": "park", "in": "query", "required": False,
                                                "schema": {"type": "string", "enum": ["true", "false"]}}],
                 "responses": {"200": _ok("CallState", "removed"), **_COMMON,
-                              "409": _error("the call is not in this room")},
+                              "409": _error("the call is not in this room, or it has ended (call_ended)")},
             }
         },
         "/voice/v1/calls": {

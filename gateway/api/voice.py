@@ -228,6 +228,9 @@ class VoiceApi:
     def _call(self, voice_id: str, project: Project) -> Call:
         call = self.ua.calls.get(voice_id)
         if call is None or call.info.get("project") != project.name:
+            ended = self.ua.recently_ended.get(voice_id)
+            if ended is not None and ended[0] == project.name:  # e.g. the caller hung up before the bridge came
+                raise ApiError(409, "call_ended", f"the call has ended ({ended[1]})", "voice_id")
             raise ApiError(404, "call_not_found", "no live call with this voice_id in this project", "voice_id")
         return call
 

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from .. import log
@@ -44,6 +44,7 @@ from ..store.cdr import CdrStore
 from .call import Call
 
 logger = logging.getLogger("gateway.ua")
+RECENTLY_ENDED = 2000  # how many ended calls the API can still name as ended (not unknown)
 LISTS_READ_LATER = ("supported", "allow")  # comma-list headers a call reads after it exists
 
 App = Callable[[Call], Awaitable[None]]
@@ -75,6 +76,8 @@ class UserAgent:
         self.find_did: Callable[[str], DidConfig | None] = config.did  # the worker adds the projects' numbers
         self.listener: Callable[[Call, str, dict[str, object]], None] | None = None  # webhooks, metrics, registry
         self.calls_started = 0  # calls admitted since start (the supervisor's call rate)
+        # calls that ended lately: voice_id -> (project, reason), so the API can tell "ended" from "never was"
+        self.recently_ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.refused: Counter[str] = Counter()  # INVITEs refused at admission, by reason (metrics)
         self.overloaded: Callable[[], bool] = lambda: False  # the worker's CPU check
         self.lb_sources = set(config.cluster.lb_sources)  # a balancer in front: its X-Gateway-Source is trusted
@@ -459,7 +462,10 @@ class UserAgent:
         self.pending.pop(call.pending_key, None)
 
     def forget(self, call: Call) -> None:
-        self.calls.pop(call.voice_id, None)
+        if self.calls.pop(call.voice_id, None) is not None:
+            self.recently_ended[call.voice_id] = (str(call.info.get("project", "")), call.end_reason or call.state)
+            while len(self.recently_ended) > RECENTLY_ENDED:
+                self.recently_ended.popitem(last=False)
         if call.dialog is not None:
             self.dialogs.pop(call.dialog.id, None)
         self.pending.pop(call.pending_key, None)

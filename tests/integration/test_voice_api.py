@@ -214,6 +214,11 @@ def test_inbound_call_bridged_into_a_new_room_parked_moved_and_removed(voice: Vo
     voice.hooks.wait_state(vid, "disconnected")
     assert voice.hooks.states(vid, voice.acme["webhook_secret"]) == [
         "incoming", "answered", "joined", "removed", "joined", "removed", "disconnected"]
+    # too late to bridge: the call has ended (say so, with why), which is not the same as a call that never was
+    status, body, _ = client("PUT", f"/voice/v1/room/{board}/call/{vid}/join")
+    assert status == 409 and body["error"]["code"] == "call_ended" and "removed_by_api" in body["error"]["message"], body
+    status, body, _ = voice.client(voice.demo)("PUT", f"/voice/v1/room/{board}/call/{vid}/join")
+    assert status == 404, body  # another project's call stays unknown to it
 
 
 def test_ivr_caller_taken_out_of_the_prompts_into_a_room(voice: Voice) -> None:

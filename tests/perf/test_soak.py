@@ -221,6 +221,7 @@ class ApiDriver:
     events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     placed: list[str] = field(default_factory=list)
     bridged: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # `incoming` calls that ended before the bridge (a failover branch)
     errors: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     _next_dial: float = 0.0
@@ -267,6 +268,8 @@ class ApiDriver:
                     self.bridged.append(str(vid))
                     live[str(vid)] = {"kind": "bridge", "room": room, "port": port,
                                       "deadline": time.monotonic() + BRIDGED_HOLD_S}
+                elif status == 409 and body.get("error", {}).get("code") == "call_ended":
+                    self.gone.append(str(vid))  # Kamailio cancelled this branch and sent the call elsewhere
                 else:
                     self.errors.append(f"bridge {status} {body}")
             elif state == "joined" and vid in live and live[vid]["deadline"] is None:
@@ -417,7 +420,7 @@ def test_soak(tmp_path: Path) -> None:
         rows: list[Any] = []
         sipps: dict[str, list[tuple[int, int]]] = {}
         errors: list[str] = []
-        placed = bridged_calls = 0
+        placed = bridged_calls = gone_calls = 0
         cpu_window: dict[str, float] = {}
         window = 0.0
         machine = (0, 0)
@@ -468,6 +471,7 @@ def test_soak(tmp_path: Path) -> None:
             errors += driver.errors
             placed += len(driver.placed)
             bridged_calls += len(driver.bridged)
+            gone_calls += len(driver.gone)
     finally:
         if driver is not None:
             driver.stop.set()
@@ -489,7 +493,8 @@ def test_soak(tmp_path: Path) -> None:
     print(f"load: {ECHO} echo calls x {ECHO_HOLD_S} s, {ROOM_CALLERS} callers in {len(rooms)} rooms x {ROOM_STAY_S} s "
           f"(IVR first), {DIALOUTS} dial-outs x {DIALOUT_HOLD_S} s, {BRIDGED} bridged API callers x {BRIDGED_HOLD_S} s")
     print(f"calls: {len(rows) - len(branches(rows))} (+{len(primed)} priming; {len(branches(rows))} Kamailio failover "
-          f"branches) | sipp (ok, failed) per half: {sipps} | API: {placed} dial-outs, {bridged_calls} bridged, "
+          f"branches) | sipp (ok, failed) per half: {sipps} | API: {placed} dial-outs, {bridged_calls} bridged "
+          f"({gone_calls} ended before the bridge), "
           f"{len(errors)} errors {errors[:3]}")
     print(f"ended: {dict(sorted(reasons.items()))}")
     posts = sum(len(hooks.by_call.get(r.voice_id, ())) for r in rows)
