@@ -67,6 +67,7 @@ def ended(b: Browser, closed: str, title: str) -> None:
     wait_until(lambda: b.gw().get("closed") == closed and b.gw().get("screen") == "ended", 15, f"the {closed} screen")
     assert title in b.text("endtitle"), b.text("endtitle")
     wait_until(lambda: b.tracks() and all(s == "ended" for s in b.tracks()), 5, "tracks stopped")
+    assert b.driver.execute_script("return Object.keys(window.gwMedia.pcs).length") == 0  # connections closed
 
 
 def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, browsers: Any, tmp_path: Path) -> None:
@@ -93,6 +94,14 @@ def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, brows
         assert tiles[phone["id"]]["kind"] == "phone" and tiles[phone["id"]]["phone_mark"]
         assert not tiles[phone["id"]]["video"]  # an avatar
         decoding(b, {i: n for i, n in ids.items() if i != pid(b)})
+    # a camera turned off: its light off (the track stopped), the others see the avatar; on again: frames again
+    ann.click("#camera")
+    wait_until(lambda: [t["video"] for t in bob.tiles() if t["id"] == pid(ann)] == [False], 10, "Ann's avatar")
+    assert ann.driver.execute_script("return window.gwMedia.local.getVideoTracks().length") == 0
+    before = bob.frames_decoded()[pid(ann)]
+    ann.click("#camera")
+    wait_until(lambda: bob.camera_tiles().get(pid(ann)) == "Ann", 15, "Ann's camera back on Bob's grid")
+    wait_until(lambda: bob.frames_decoded()[pid(ann)] > before + 10, 15, "frames of Ann's new camera track")
     for b in (ann, bob, cat):  # markup in a name is text
         assert b.driver.execute_script("return document.querySelectorAll('#grid b, #grid img, #people b, #people img').length") == 0
     # the phone's tile says when it speaks: its tone, then its silence

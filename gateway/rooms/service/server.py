@@ -52,6 +52,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -73,12 +74,11 @@ from .live import MAX_NAME, LiveRooms
 logger = logging.getLogger("gateway.rooms")
 PROJECT = web.RequestKey("project", str)  # the authenticated project; absent: the service's own credentials
 STATIC = Path(__file__).parent / "static"
-PAGE = STATIC / "room.html"
-START = STATIC / "start.html"
 ASSETS = {"room.js": "text/javascript", "room.css": "text/css", "start.js": "text/javascript",
           "favicon.svg": "image/svg+xml"}  # what /static/ serves
 DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
 PHONE_TOKEN_S = 60  # a phone token is good this long: the worker makes one per join
+VOICE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_CREDENTIAL = 256  # longer Basic user names or keys are refused before any lookup
 
 
@@ -163,6 +163,17 @@ async def json_body(request: web.Request) -> Any:
         raise ValueError("the body must be JSON") from exc
 
 
+async def json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object, or the 400 to answer."""
+    try:
+        body = await json_body(request)
+    except ValueError:
+        return error(400, "invalid_json", "the body must be JSON")
+    if not isinstance(body, dict):
+        return error(400, "invalid_body", "the body must be a JSON object")
+    return body
+
+
 def is_text(value: object) -> TypeGuard[str]:
     """A str that is Unicode text: JSON can carry lone surrogates, which UTF-8 (and SQLite) cannot."""
     if not isinstance(value, str):
@@ -192,6 +203,7 @@ class RoomService:
         secrets = service_secrets(config)
         self.api_key, self.secret = secrets["api_key"], secrets["secret"]
         self._dials: dict[str, list[float]] = {}
+        self._static = {name: (STATIC / name).read_text() for name in (*ASSETS, "room.html", "start.html")}
         rs = config.room_service
         self.failures = FailureWindow(rs.auth_failures_per_minute, 60.0)
         self.meeting_failures = FailureWindow(config.ivr.pin_failures_per_meeting or 30, 60.0)  # the start page
@@ -283,12 +295,9 @@ class RoomService:
         return project.name if project is not None else None
 
     async def create_room(self, request: web.Request) -> web.Response:
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return error(400, "invalid_json", "the body must be JSON")
-        if not isinstance(body, dict):
-            return error(400, "invalid_body", "the body must be a JSON object")
+        body = await json_object(request)
+        if isinstance(body, web.Response):
+            return body
         name = body.get("name")
         if not is_text(name) or not 0 < len(name) <= MAX_NAME:
             return error(400, "invalid_name", f"name: a string of 1-{MAX_NAME} characters", "name")
@@ -356,14 +365,10 @@ class RoomService:
 
     async def dial(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
-        refused = self.throttled(request) or self.foreign(request)
-        if refused is not None:
-            return refused
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return error(400, "invalid_json", "the body must be JSON")
-        if not isinstance(body, dict) or not isinstance(body.get("to"), str):
+        body = await self.page_post(request)
+        if isinstance(body, web.Response):
+            return body
+        if not isinstance(body.get("to"), str):
             return error(400, "invalid_input", "to: the number (E.164) or sip: URI to call", "to")
         verdict = check_host_token(self.secret, room_id, body.get("host"))
         if verdict != "ok":
@@ -389,7 +394,8 @@ class RoomService:
             status, answer = await self._voice_api("POST", f"/voice/v1/room/{room_id}/join", project, payload)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return error(502, "voice_api_unreachable", f"the gateway's Voice API did not answer: {exc}")
-        log.event(logger, "room.dial", room_id=room_id, status=status, voice_id=(answer or {}).get("voice_id"))
+        log.event(logger, "room.dial", room_id=room_id, status=status,
+                  voice_id=answer.get("voice_id") if isinstance(answer, dict) else None)
         return web.json_response(answer, status=status)
 
     async def _voice_api(self, method: str, path: str, project: Any, payload: Any = None) -> tuple[int, Any]:
@@ -410,13 +416,13 @@ class RoomService:
             return error(403, "not_moderator", "only the room's moderators (a valid host link) follow calls", "host")
         room = await asyncio.to_thread(self.store.get, room_id)
         project = await asyncio.to_thread(self.projects.by_name, room["project"]) if room else None
-        if room is None or project is None or len(voice_id) > 64:
+        if room is None or project is None or not VOICE_ID.fullmatch(voice_id):  # a UUID: nothing else reaches the API
             return error(404, "call_not_found", "no such call from this room", "voice_id")
         try:
             status, call = await self._voice_api("GET", f"/voice/v1/calls/{voice_id}", project)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return error(502, "voice_api_unreachable", f"the gateway's Voice API did not answer: {exc}")
-        if status != 200 or not isinstance(call, dict) or call.get("room_id") not in (room_id, None):
+        if status != 200 or not isinstance(call, dict) or call.get("room_id") != room_id:  # this room's calls only
             return error(404, "call_not_found", "no such call from this room", "voice_id")
         return web.json_response({k: call.get(k) for k in ("voice_id", "state", "phase", "reason", "sip_code",
                                                             "answered_at", "ended_at")})
@@ -426,7 +432,8 @@ class RoomService:
         room = await asyncio.to_thread(self.store.get, request.match_info["room_id"])
         if room is None:
             return web.Response(status=404, text="No such room.", content_type="text/plain")
-        return web.Response(text=PAGE.read_text(), content_type="text/html", headers=security.page_headers(request.host))
+        return web.Response(text=self.static("room.html"), content_type="text/html",
+                            headers=security.page_headers(request.host))
 
     def dial_in_numbers(self, room: dict[str, Any]) -> list[str]:
         """The numbers that reach this room: IVR numbers of its project (or shared by every project), and
@@ -447,13 +454,8 @@ class RoomService:
         if room is None:
             return error(404, "room_not_found", "no room with this room_id")
         moderator = "host" in request.query
-        if moderator:
-            verdict = check_host_token(self.secret, room["room_id"], request.query["host"])
-            if verdict != "ok":
-                self.auth_failed(request, "host_link")
-                if verdict == "expired":
-                    return error(403, "host_link_expired", "this host link has expired: ask for a new one", "host")
-                return error(403, "invalid_host_link", "this host link is not valid for this room", "host")
+        if moderator and (refused := self.bad_host_link(request, room["room_id"])) is not None:
+            return refused
         sip, dial_in = room["sip"], None
         if sip["enabled"]:
             dial_in = {"numbers": self.dial_in_numbers(room), "meeting_id": sip["meeting_id"], "pin": sip["pin"]}
@@ -467,15 +469,9 @@ class RoomService:
         """The start page's "join by meeting ID": the meeting ID and its PIN (or moderator PIN) give the room's
         link, as the IVR would let a caller in. One answer for every miss (no telling which part was wrong),
         counted against the source and against the meeting ID (guessers spread over many addresses)."""
-        refused = self.throttled(request) or self.foreign(request)
-        if refused is not None:
-            return refused
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return error(400, "invalid_json", "the body must be JSON")
-        if not isinstance(body, dict):
-            return error(400, "invalid_body", "the body must be a JSON object")
+        body = await self.page_post(request)
+        if isinstance(body, web.Response):
+            return body
         for field in ("meeting_id", "pin"):
             value = body.get(field)
             if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 20:
@@ -505,17 +501,24 @@ class RoomService:
                                   headers={"Cache-Control": "no-store"})
 
     async def start_page(self, request: web.Request) -> web.Response:
-        return web.Response(text=START.read_text(), content_type="text/html", headers=security.page_headers(request.host))
+        return web.Response(text=self.static("start.html"), content_type="text/html",
+                            headers=security.page_headers(request.host))
+
+    def static(self, name: str) -> str:
+        """A file of the page, read once (not on the event loop at each request)."""
+        if name not in self._static:
+            self._static[name] = (STATIC / name).read_text()
+        return self._static[name]
 
     async def favicon(self, request: web.Request) -> web.Response:
-        return web.Response(text=(STATIC / "favicon.svg").read_text(), content_type="image/svg+xml",
+        return web.Response(text=self.static("favicon.svg"), content_type="image/svg+xml",
                             headers={"Cache-Control": "max-age=86400"})
 
     async def asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in ASSETS:
             return web.Response(status=404, text="Not found.", content_type="text/plain")
-        return web.Response(text=(STATIC / name).read_text(), content_type=ASSETS[name],
+        return web.Response(text=self.static(name), content_type=ASSETS[name],
                             headers={"Cache-Control": "no-cache"})
 
     def foreign(self, request: web.Request) -> web.Response | None:
@@ -526,23 +529,31 @@ class RoomService:
         log.event(logger, "rooms.origin_refused", logging.WARNING, origin=(origin or "")[:200], path=request.path[:200])
         return error(403, "forbidden_origin", "pages of another origin may not use this room", "Origin")
 
+    async def page_post(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """A page's POST: its source not throttled, its Origin ours, its body a JSON object; else the answer."""
+        refused = self.throttled(request) or self.foreign(request)
+        return refused if refused is not None else await json_object(request)
+
+    def bad_host_link(self, request: web.Request, room_id: str) -> web.Response | None:
+        """The 403 for a host link (?host=) that is not good for this room, counted as a failure; None if good."""
+        verdict = check_host_token(self.secret, room_id, request.query.get("host"))
+        if verdict == "ok":
+            return None
+        self.auth_failed(request, "host_link")
+        log.event(logger, "rooms.host_link_refused", room_id=room_id[:64], verdict=verdict, source=request.remote)
+        if verdict == "expired":
+            return error(403, "host_link_expired", "this host link has expired: ask for a new one", "host")
+        return error(403, "invalid_host_link", "this host link is not valid for this room", "host")
+
     # -- signalling
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         room_id = request.match_info["room_id"]
         refused = self.throttled(request) or self.foreign(request)
         if refused is not None:
             return refused
-        moderator = False
-        if "host" in request.query:  # a host link: it must be good, else the page says why (not a silent guest)
-            verdict = check_host_token(self.secret, room_id, request.query["host"])
-            if verdict != "ok":
-                self.auth_failed(request, "host_link")
-                log.event(logger, "rooms.host_link_refused", room_id=room_id[:64], verdict=verdict,
-                          source=request.remote)
-                if verdict == "expired":
-                    return error(403, "host_link_expired", "this host link has expired: ask for a new one", "host")
-                return error(403, "invalid_host_link", "this host link is not valid for this room", "host")
-            moderator = True
+        moderator = "host" in request.query  # a host link: it must be good, else the page says why (not a guest)
+        if moderator and (refused := self.bad_host_link(request, room_id)) is not None:
+            return refused
         record = await asyncio.to_thread(self.store.get, room_id)
         if record is None:
             return error(404, "room_not_found", "no room with this room_id")

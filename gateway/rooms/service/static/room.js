@@ -14,9 +14,11 @@ const gw = window.gw = { screen: "prejoin", state: null, joined: false, role: nu
                          error: null, dial: null, dialProgress: [], closed: null, camera: false, mic: false,
                          notice: null, room: null };
 const media = window.gwMedia = { pcs: {}, streams: [], iceServers: [], local: null, contexts: [], timers: [] };
-let ws, speaker = null, joining = false, wantMic = true, wantCam = true;
+let ws, speaker = null, joining = false, wantMic = q.get("mic") !== "0", wantCam = q.get("cam") !== "0";
+let previewing = Promise.resolve(), generation = 0, infoLoaded, dialing = 0;
 const $ = (id) => document.getElementById(id);
-$("name").value = q.get("name") || localStorage.getItem("gw.name") || "";
+function stored(key) { try { return localStorage.getItem(key); } catch (e) { return null; } }  // site data may be blocked
+$("name").value = q.get("name") || stored("gw.name") || "";
 
 // -- icons (inline SVG: no image requests, no fonts needed)
 const ICONS = {
@@ -35,8 +37,9 @@ function icon(name) {
   svg.append(path); return svg;
 }
 function setButton(el, iconName, label, off) {
+  // the label says what a press does ("Unmute your microphone"): no aria-pressed besides, it would read inverted
   el.replaceChildren(icon(iconName)); el.setAttribute("aria-label", label); el.title = label;
-  el.classList.toggle("off", !!off); el.setAttribute("aria-pressed", off ? "true" : "false");
+  el.classList.toggle("off", !!off);
 }
 function el(tag, cls, text) {
   const e = document.createElement(tag); if (cls) e.className = cls; if (text !== undefined) e.textContent = text; return e;
@@ -61,8 +64,9 @@ async function loadInfo() {
   try {
     const r = await fetch(`/rooms/${roomId}/info${hostToken ? "?host=" + encodeURIComponent(hostToken) : ""}`);
     const body = await r.json();
-    if (!r.ok) return;
+    if (!r.ok) { gw.infoError = body.error || null; return; }
     gw.room = body;
+    if (gw.joined) $("infobtn").hidden = !body.dial_in;
     $("title").textContent = body.name; document.title = body.name + " · Meeting";
     $("prejointitle").textContent = "Ready to join " + body.name + "?";
     renderDialIn($("dialin")); renderDialIn($("predialin"));
@@ -75,7 +79,7 @@ function copy(text, button) {
   const area = el("textarea"); area.value = text; area.setAttribute("readonly", ""); area.className = "sr";
   document.body.append(area); area.select();
   try { document.execCommand("copy"); done(); } catch (e) { /* the text stays selectable */ }
-  area.remove();
+  area.remove(); button.focus();
 }
 
 function renderDialIn(box) {
@@ -99,6 +103,7 @@ function renderDialIn(box) {
 // -- devices: the preview before joining, and what the room gets
 async function acquire() {
   // The chosen devices; without a camera, a microphone, or permission: whatever is left, with a clear note.
+  if (!navigator.mediaDevices) return { stream: new MediaStream(), errors: { insecure: "insecure" } };
   const cam = $("camsel").value, mic = $("micsel").value;
   const audio = mic ? { deviceId: { exact: mic } } : true;
   const video = { width: { ideal: 640 }, height: { ideal: 360 }, ...(cam ? { deviceId: { exact: cam } } : {}) };
@@ -111,6 +116,7 @@ async function acquire() {
 }
 
 function deviceNote(stream, errors) {
+  if (errors.insecure) return "The camera and microphone need this page over HTTPS: you will join listen-only.";
   const hasCam = stream.getVideoTracks().length > 0, hasMic = stream.getAudioTracks().length > 0;
   const denied = Object.values(errors).some((n) => n === "NotAllowedError" || n === "SecurityError");
   if (!hasCam && !hasMic) {
@@ -124,9 +130,16 @@ function deviceNote(stream, errors) {
 
 function stopStream(stream) { if (stream) for (const t of stream.getTracks()) t.stop(); }
 
-async function preview() {
-  stopStream(media.local);
+function preview() {
+  previewing = previewing.then(previewOnce, previewOnce);  // one at a time: a later choice waits for the earlier
+  return previewing;
+}
+
+async function previewOnce() {
+  const mine = ++generation;
+  stopStream(media.local); media.local = null;
   const { stream, errors } = await acquire();
+  if (mine !== generation || joining) { stopStream(stream); return; }  // superseded, or joining meanwhile
   media.local = stream;
   gw.camera = stream.getVideoTracks().length > 0; gw.mic = stream.getAudioTracks().length > 0;
   $("prejoinnote").textContent = deviceNote(stream, errors);
@@ -164,17 +177,22 @@ async function listDevices() {
 
 function meter(stream) {
   // The microphone's level under the preview (a bar), so one sees the right microphone is picked.
-  for (const t of media.timers) clearInterval(t);
-  media.timers = [];
+  stopMeter();
   if (!stream.getAudioTracks().length) { $("level").style.width = "0"; return; }
-  const ctx = new AudioContext(); ctx.resume(); media.contexts.push(ctx);
+  const ctx = media.meter = new AudioContext(); ctx.resume();
   const an = ctx.createAnalyser(); an.fftSize = 1024; ctx.createMediaStreamSource(stream).connect(an);
   const buf = new Float32Array(an.fftSize);
-  media.timers.push(setInterval(() => {
+  media.meterTimer = setInterval(() => {
     an.getFloatTimeDomainData(buf);
     const rms = Math.sqrt(buf.reduce((a, v) => a + v * v, 0) / buf.length);
     $("level").style.width = Math.min(100, Math.round(rms * 400)) + "%";
-  }, 100));
+  }, 100);
+}
+
+function stopMeter() {
+  clearInterval(media.meterTimer);
+  if (media.meter) media.meter.close().catch(() => {});
+  media.meter = null;
 }
 
 // -- the room
@@ -182,41 +200,56 @@ function render() {
   const s = gw.state; if (!s) return;
   const mine = me();
   $("count").textContent = "(" + s.participants.length + ")" + (s.locked ? " · locked" : "");
-  $("lock").textContent = s.locked ? "Unlock" : "Lock"; $("lock").setAttribute("aria-pressed", s.locked ? "true" : "false");
+  $("lock").textContent = s.locked ? "Unlock the room" : "Lock the room";
   $("modbar").classList.toggle("hidden", gw.role !== "moderator");
   const muted = !!(mine && mine.muted);
-  setButton($("muteme"), muted ? "micoff" : "mic", muted ? "Unmute your microphone" : "Mute your microphone", muted);
+  const mic = media.local && media.local.getAudioTracks()[0];
+  if (mic && mine) mic.enabled = !muted;  // muted in the AudioBridge, and not even sent
+  setButton($("muteme"), muted ? "micoff" : "mic", !mic ? "No microphone" : muted ? "Unmute your microphone" : "Mute your microphone", muted);
+  $("muteme").disabled = !mic;
   const cam = media.local && media.local.getVideoTracks()[0];
-  const camOn = !!(cam && cam.enabled);
-  setButton($("camera"), camOn ? "cam" : "camoff", !cam ? "No camera" : camOn ? "Turn your camera off" : "Turn your camera on", !camOn);
-  $("camera").disabled = !cam;
-  const ul = $("people"); ul.replaceChildren();
-  for (const p of s.participants) ul.append(personRow(p));
+  const camOn = !!(cam && cam.readyState === "live");
+  setButton($("camera"), camOn ? "cam" : "camoff", !gw.camera ? "No camera" : camOn ? "Turn your camera off" : "Turn your camera on", !camOn);
+  $("camera").disabled = !gw.camera;
+  renderPeople(s.participants);
   renderTiles();
 }
 
-function personRow(p) {
-  const li = el("li");
-  Object.assign(li.dataset, { id: p.id, kind: p.kind, muted: p.muted, role: p.role, talking: p.talking });
-  const who = el("div", "who");
-  who.append(el("span", "name", p.name + (p.id === gw.id ? " (you)" : "")));
-  const tags = el("span", "tags");
-  for (const [cls, on, text] of [["phone", p.kind === "phone", "phone"], ["moderator", p.role === "moderator", "moderator"],
-                                 ["muted", p.muted, p.muted_by_moderator ? "muted by moderator" : "muted"],
-                                 ["talking", p.talking && !p.muted, "speaking"]]) {
-    if (on) tags.append(el("span", "tag " + cls, text));
-  }
-  who.append(tags); li.append(who);
-  if (gw.role === "moderator" && p.id !== gw.id) {
-    const actions = el("span", "actions");
-    const m = el("button", "secondary", p.muted ? "Unmute" : "Mute"); m.type = "button";
-    m.setAttribute("aria-label", (p.muted ? "Unmute " : "Mute ") + p.name);
-    m.onclick = () => send({ type: "mute", participant_id: p.id, muted: !p.muted });
-    const r = el("button", "secondary", "Remove"); r.type = "button"; r.setAttribute("aria-label", "Remove " + p.name);
-    r.onclick = () => send({ type: "remove", participant_id: p.id });
-    actions.append(m, r); li.append(actions);
-  }
-  return li;
+function renderPeople(people) {
+  // Rows are kept by participant and updated in place: a state update (several a second while people talk) must
+  // not replace a button between the press and the release, nor take the keyboard focus away.
+  const ul = $("people");
+  const rows = new Map([...ul.children].map((li) => [li.dataset.id, li]));
+  for (const [id, li] of rows) if (!people.some((p) => p.id === id)) li.remove();
+  people.forEach((p, i) => {
+    let li = rows.get(p.id);
+    if (!li) { li = el("li"); li.dataset.id = p.id; li.append(el("div", "who")); }
+    Object.assign(li.dataset, { kind: p.kind, muted: p.muted, role: p.role, talking: p.talking });
+    const tags = el("span", "tags");
+    for (const [cls, on, text] of [["phone", p.kind === "phone", "phone"], ["moderator", p.role === "moderator", "moderator"],
+                                   ["muted", p.muted, p.muted_by_moderator ? "muted by moderator" : "muted"],
+                                   ["talking", p.talking && !p.muted, "speaking"]]) {
+      if (on) tags.append(el("span", "tag " + cls, text));
+    }
+    li.querySelector(".who").replaceChildren(el("span", "name", p.name + (p.id === gw.id ? " (you)" : "")), tags);
+    let actions = li.querySelector(".actions");
+    const moderates = gw.role === "moderator" && p.id !== gw.id;
+    if (moderates && !actions) {
+      const current = () => gw.state && gw.state.participants.find((x) => x.id === p.id);
+      actions = el("span", "actions");
+      const m = el("button", "secondary mute"); m.type = "button";
+      m.onclick = () => { const c = current(); if (c) send({ type: "mute", participant_id: c.id, muted: !c.muted }); };
+      const r = el("button", "secondary remove", "Remove"); r.type = "button";
+      r.onclick = () => send({ type: "remove", participant_id: p.id });
+      actions.append(m, r); li.append(actions);
+    } else if (!moderates && actions) { actions.remove(); actions = null; }
+    if (actions) {
+      const m = actions.querySelector(".mute");
+      m.textContent = p.muted ? "Unmute" : "Mute"; m.setAttribute("aria-label", (p.muted ? "Unmute " : "Mute ") + p.name);
+      actions.querySelector(".remove").setAttribute("aria-label", "Remove " + p.name);
+    }
+    if (ul.children[i] !== li) ul.insertBefore(li, ul.children[i] || null);
+  });
 }
 
 function remoteTrack(p) {
@@ -246,7 +279,7 @@ function renderTiles() {
     }
     const self = p.id === gw.id;
     const track = self ? (media.local && media.local.getVideoTracks()[0]) : remoteTrack(p);
-    const video = !!track && (self ? track.enabled : !track.muted);  // no black tile before the first frame
+    const video = !!track && (self ? track.readyState === "live" : !track.muted);  // no black tile before a frame
     Object.assign(tile.dataset, { kind: p.kind, self, speaking: !!(p.talking && !p.muted), muted: !!p.muted, video });
     tile.setAttribute("aria-label", p.name + (self ? " (you)" : "") + (p.kind === "phone" ? ", phone" : "") + (p.muted ? ", muted" : ""));
     const v = tile.querySelector("video");
@@ -310,25 +343,26 @@ async function offer(name, pc) {
 }
 
 async function startMedia() {
+  // After `joined`: the microphone (or receive-only) to the AudioBridge, then the camera to the VideoRoom. The
+  // video connection exists whenever there is a camera, off or on (turning it on is a replaceTrack).
   const pcs = media.pcs, local = media.local;
-  pcs.audio = new RTCPeerConnection({ iceServers: media.iceServers });
+  const audio = pcs.audio = new RTCPeerConnection({ iceServers: media.iceServers });
   const mic = local.getAudioTracks()[0];
-  if (mic) { mic.enabled = true; pcs.audio.addTransceiver(mic, { direction: "sendrecv", streams: [local] }); }
-  else pcs.audio.addTransceiver("audio", { direction: "recvonly" });
-  pcs.audio.ontrack = (e) => listen(new MediaStream([e.track]));
-  await offer("audio", pcs.audio);
-  const cam = local.getVideoTracks()[0];
-  if (cam) {
-    pcs.video = new RTCPeerConnection({ iceServers: media.iceServers });
-    pcs.video.addTransceiver(cam, { direction: "sendonly", streams: [local] });
-    await offer("video", pcs.video);
-  }
+  if (mic) audio.addTransceiver(mic, { direction: "sendrecv", streams: [local] });
+  else audio.addTransceiver("audio", { direction: "recvonly" });
+  audio.ontrack = (e) => listen(new MediaStream([e.track]));
+  await offer("audio", audio);
+  if (gw.closed || !gw.camera) return;  // ended meanwhile (closeMedia closed what was there), or no camera
+  const video = pcs.video = new RTCPeerConnection({ iceServers: media.iceServers });
+  video.addTransceiver(local.getVideoTracks()[0] || "video", { direction: "sendonly", streams: [local] });
+  await offer("video", video);
 }
 
 let subChain = Promise.resolve();
 function subscriberOffer(m) {
   // Janus' offers for the subscription, answered one after the other
   subChain = subChain.then(async () => {
+    if (gw.closed) return;
     if (!media.pcs.sub) {
       media.pcs.sub = new RTCPeerConnection({ iceServers: media.iceServers });
       media.pcs.sub.ontrack = (e) => { e.track.onunmute = e.track.onmute = renderTiles; };
@@ -337,10 +371,33 @@ function subscriberOffer(m) {
     await pc.setRemoteDescription({ type: "offer", sdp: m.sdp });
     await pc.setLocalDescription(await pc.createAnswer());
     await gathered(pc);
+    if (gw.closed) { pc.close(); return; }
     media.streams = m.streams || [];
     send({ type: "answer", pc: "sub", sdp: pc.localDescription.sdp });
     renderTiles();
   }).catch((e) => { gw.error = "subscription: " + e; });
+}
+
+async function toggleCamera() {
+  // Off: the track is stopped (the camera's light goes off) and the sender sends nothing; on: a new track.
+  const sender = media.pcs.video && media.pcs.video.getSenders()[0];
+  const cam = media.local && media.local.getVideoTracks()[0];
+  if (cam) {
+    media.local.removeTrack(cam); cam.stop();
+    if (sender) await sender.replaceTrack(null).catch(() => {});
+    send({ type: "camera", on: false });
+  } else if (sender) {
+    const id = $("camsel").value;
+    try {
+      const [track] = (await navigator.mediaDevices.getUserMedia(
+        { video: { width: { ideal: 640 }, height: { ideal: 360 }, ...(id ? { deviceId: { exact: id } } : {}) } })).getVideoTracks();
+      if (gw.closed) { track.stop(); return; }
+      media.local.addTrack(track);
+      await sender.replaceTrack(track);
+      send({ type: "camera", on: true });
+    } catch (e) { notice("Could not turn the camera on: " + (e.message || e.name)); }
+  }
+  render();
 }
 
 // -- the end: every screen that is not the room releases the camera and the microphone
@@ -355,9 +412,11 @@ const ENDINGS = {
 };
 
 function closeMedia() {
+  generation++;  // a preview still waiting for its devices stops them when they come
   for (const pc of Object.values(media.pcs)) pc.close();
   media.pcs = {}; media.streams = [];
   stopStream(media.local);
+  stopMeter();
   for (const t of media.timers) clearInterval(t);
   media.timers = [];
   for (const c of media.contexts) c.close().catch(() => {});
@@ -366,10 +425,15 @@ function closeMedia() {
   $("grid").replaceChildren();
 }
 
+const NO_RETRY = new Set(["invalid_host_link", "host_link_expired", "room_not_found", "forbidden_origin", "not_allowed"]);
+let rejoinWith = null;  // the camera and microphone as they were, for Rejoin
+
 function end(kind, text) {
   // `kind`: an ENDINGS key, or an error code (then `text` says why)
-  const [title, detail, again] = ENDINGS[kind] || ["Could not join the meeting", "", true];
+  const [title, detail, again] = ENDINGS[kind] || ["Could not join the meeting", "", !NO_RETRY.has(kind)];
   gw.closed = gw.closed || kind;
+  const mine = me(), cam = media.local && media.local.getVideoTracks()[0];
+  rejoinWith = gw.joined ? { cam: !!(cam && cam.readyState === "live"), mic: !(mine && mine.muted) } : { cam: wantCam, mic: wantMic };
   closeMedia();
   if (ws && ws.readyState <= 1) ws.close();
   $("endtitle").textContent = title;
@@ -386,16 +450,23 @@ async function join() {
   const name = $("name").value.trim() || "Guest";
   try { localStorage.setItem("gw.name", name); } catch (e) { /* private mode */ }
   status("joining…"); $("joinbtn").disabled = true;
+  await previewing.catch(() => {});  // a preview under way ends first (its stream is ours, or dropped)
+  stopMeter();
+  await infoLoaded;
+  if (gw.infoError && NO_RETRY.has(gw.infoError.code)) {  // a bad host link: said once, no WebSocket tried
+    gw.error = gw.infoError.code; end(gw.infoError.code, gw.infoError.message); return;
+  }
   if (!media.local) {
     const { stream, errors } = await acquire();
-    media.local = stream; gw.camera = stream.getVideoTracks().length > 0; gw.mic = stream.getAudioTracks().length > 0;
+    if (gw.closed) { stopStream(stream); return; }
+    media.local = stream;
     const note = deviceNote(stream, errors);
     if (note) notice(note);
   }
-  for (const t of media.timers) clearInterval(t);  // the preview's meter
-  media.timers = [];
+  gw.camera = media.local.getVideoTracks().length > 0; gw.mic = media.local.getAudioTracks().length > 0;
   const cam = media.local.getVideoTracks()[0];
-  if (cam) cam.enabled = wantCam;
+  if (cam) { cam.enabled = true; if (!wantCam) { media.local.removeTrack(cam); cam.stop(); } }  // off: light off too
+  setTimeout(() => { if (!gw.joined && !gw.closed) end("timeout", "The meeting did not answer: check the connection and try again."); }, 20000);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const path = `/rooms/${roomId}/ws${hostToken ? "?host=" + encodeURIComponent(hostToken) : ""}`;
   ws = new WebSocket(`${scheme}://${location.host}${path}`);
@@ -413,9 +484,13 @@ async function join() {
       show("room"); $("infobtn").hidden = !(gw.room && gw.room.dial_in);
       if (window.innerWidth > 820) openPanel(true);
       render();
-      startMedia().catch((e) => { gw.error = "media: " + e; });
+      $("muteme").focus();
+      startMedia().catch((e) => { gw.error = "media: " + e; notice("Could not connect your audio or video: " + (e.message || e)); });
     } else if (m.type === "answer") {
-      const pc = media.pcs[m.pc]; if (pc) await pc.setRemoteDescription({ type: "answer", sdp: m.sdp });
+      const pc = media.pcs[m.pc];
+      if (pc) await pc.setRemoteDescription({ type: "answer", sdp: m.sdp }).catch((e) => {
+        gw.error = "media: " + e; notice("Could not connect your " + m.pc + ": " + (e.message || e));
+      });
     } else if (m.type === "offer" && m.pc === "sub") { subscriberOffer(m); }
     else if (m.type === "state") {
       const before = me(); gw.state = m; const after = me();
@@ -441,14 +516,16 @@ async function refused(path) {
 // -- the host's "call a phone", with the call's progress
 const PROGRESS = { initiated: "calling", ringing: "ringing", answered: "answered", joined: "in the room" };
 async function followCall(to, voiceId) {
-  const url = `/rooms/${roomId}/dial/${voiceId}?host=${encodeURIComponent(hostToken)}`;
-  for (let i = 0; i < 180 && gw.screen === "room"; i++) {
+  // until the call ends (or 3 minutes, or another call is placed: the newest is the one shown)
+  const url = `/rooms/${roomId}/dial/${voiceId}?host=${encodeURIComponent(hostToken)}`, mine = dialing;
+  for (let i = 0; i < 180 && gw.screen === "room" && mine === dialing; i++) {
     let call;
     try { const r = await fetch(url); call = await r.json(); if (!r.ok) break; } catch (e) { break; }
     let phase = call.phase === "in_room" ? "in the room" : PROGRESS[call.state] || (call.answered_at ? "answered" : "calling");
     if (call.ended_at) phase = call.answered_at ? "ended" : "failed";
+    if (mine !== dialing) return;
     if (gw.dialProgress[gw.dialProgress.length - 1] !== phase) gw.dialProgress.push(phase);
-    const why = call.reason ? " (" + call.reason.replace(/_/g, " ") + (call.sip_code ? ", " + call.sip_code : "") + ")" : "";
+    const why = call.reason ? " (" + String(call.reason).replace(/_/g, " ") + (call.sip_code ? ", " + call.sip_code : "") + ")" : "";
     $("dialstatus").textContent = `${to}: ${phase}${call.ended_at ? why : ""}`;
     if (call.ended_at) return;
     await new Promise((ok) => setTimeout(ok, 1000));
@@ -458,7 +535,8 @@ async function followCall(to, voiceId) {
 $("dialform").onsubmit = async (ev) => {
   // the moderator's outbound call: the room service places it through the Voice API with the project's keys
   ev.preventDefault();
-  const to = $("dialto").value.trim(); if (!to) return;
+  const to = $("dialto").value.trim(); if (!to || $("dialbtn").disabled) return;
+  dialing++; $("dialbtn").disabled = true;
   $("dialstatus").textContent = "calling " + to + "…"; gw.dialProgress = [];
   try {
     const r = await fetch(`/rooms/${roomId}/dial`, { method: "POST", headers: { "Content-Type": "application/json" },
@@ -469,28 +547,32 @@ $("dialform").onsubmit = async (ev) => {
     $("dialto").value = "";
     followCall(to, body.voice_id);
   } catch (e) { $("dialstatus").textContent = "could not call: " + e; }
+  finally { $("dialbtn").disabled = false; }
 };
 
+const narrow = () => window.matchMedia("(max-width: 820px)").matches;
 function openPanel(open) {
   $("room").classList.toggle("panel-open", open);
   for (const b of [$("peoplebtn"), $("infobtn")]) b.setAttribute("aria-expanded", open ? "true" : "false");
+  if (open && narrow() && gw.screen === "room") $("closepanel").focus();  // a sheet over the videos: into it
   requestAnimationFrame(layout);
 }
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && narrow() && $("room").classList.contains("panel-open")) { openPanel(false); $("peoplebtn").focus(); }
+});
 
 $("joinbtn").onclick = join;
 $("precam").onclick = () => { wantCam = !wantCam; applyWants(); };
 $("premic").onclick = () => { wantMic = !wantMic; applyWants(); };
 $("camsel").onchange = $("micsel").onchange = () => preview();
 $("muteme").onclick = () => { const p = me(); send({ type: "mute", muted: !(p && p.muted) }); };
-$("camera").onclick = () => {
-  const cam = media.local && media.local.getVideoTracks()[0]; if (!cam) return;
-  cam.enabled = !cam.enabled; send({ type: "camera", on: cam.enabled }); render();
-};
+$("camera").onclick = () => { toggleCamera(); };
 $("peoplebtn").onclick = $("infobtn").onclick = () => openPanel(!$("room").classList.contains("panel-open"));
 $("closepanel").onclick = () => { openPanel(false); $("peoplebtn").focus(); };
 $("leave").onclick = () => { send({ type: "leave" }); end("left"); };
 $("rejoin").onclick = () => {
   const next = new URLSearchParams(location.search); next.set("autojoin", "1"); next.set("name", $("name").value.trim());
+  next.set("cam", rejoinWith && !rejoinWith.cam ? "0" : "1"); next.set("mic", rejoinWith && !rejoinWith.mic ? "0" : "1");
   location.replace(location.pathname + "?" + next.toString());
 };
 $("muteall").onclick = () => send({ type: "mute_all", muted: true });
@@ -500,6 +582,6 @@ setButton($("peoplebtn"), "people", "People and meeting details", false);
 setButton($("leave"), "leave", "Leave the meeting", false);
 $("leave").classList.remove("off");
 
-loadInfo();
+infoLoaded = loadInfo();
 if (q.get("autojoin") === "1") join();
 else preview().catch((e) => { $("prejoinnote").textContent = "Could not open the camera or microphone: " + e; });
