@@ -135,6 +135,21 @@ def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, brows
     assert took < 2.0, f"Bob's tile went after {took:.1f} s"
     ended(bob, "left", "You left")
     bob.screenshot("ended-left")
+
+    # many in the room (five more, by their WebSockets alone: avatars): the speaker view, still on screen at both sizes
+    import websocket  # websocket-client (Selenium's), from this thread: in the namespace
+    base = f"ws://127.0.0.1:{gw.rooms_port}/rooms/{room['room_id']}/ws"
+    crowd = [websocket.create_connection(base, timeout=10) for _ in range(5)]
+    try:
+        for i, ws in enumerate(crowd):
+            ws.send(json.dumps({"type": "join", "kind": "browser", "name": f"Guest {i + 1}"}))
+        wait_until(lambda: len(ann.tiles()) == 8, 15, "eight tiles")
+        assert ann.driver.execute_script("return document.getElementById('grid').classList.contains('speaker')")
+        ann.click("#peoplebtn")  # the panel closed: the grid alone
+        fits(ann, "room-many")
+    finally:
+        for ws in crowd:
+            ws.close()
     thread.join(1)
 
 
