@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import log
+from . import log, tls
 from .config import Config, ConfigError, load_config
 from .store import cdr
 
@@ -71,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         JanusSecrets.load(config)
         cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(config.data_dir),
                "--port", str(config.room_service.port),
-               "--voice-api-url", config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"]
+               "--voice-api-url", config.room_service.voice_api_url
+               or f"{tls.scheme(config.http.tls_cert)}://{config.http.host}:{config.http.port}"]
         if args.config is not None or DEFAULT_CONFIG.exists():
             cmd += ["--config", str(args.config or DEFAULT_CONFIG)]
         from .cluster.supervisor import KeptProcess
@@ -277,6 +278,19 @@ def cmd_prompts_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_self_signed(args: argparse.Namespace) -> int:
+    """A self-signed certificate and key for trying HTTPS (browsers will warn: use a CA's for people)."""
+    out = Path(args.out)
+    cert, key = out / "cert.pem", out / "key.pem"
+    if not args.force and (cert.exists() or key.exists()):
+        print(f"gateway: certs: {cert} or {key} exists (--force replaces them)", file=sys.stderr)
+        return 1
+    tls.self_signed(args.name, cert, key, args.days)
+    print(json.dumps({"cert": str(cert), "key": str(key), "names": args.name, "days": args.days,
+                      "config": {"tls_cert": str(cert), "tls_key": str(key)}}))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="IVR voice gateway: phone calls into video rooms")
     sub = p.add_subparsers(dest="command", required=True)
@@ -369,6 +383,16 @@ def parser() -> argparse.ArgumentParser:
     render = prompts.add_parser("render", help="pre-render every project's prompts into the cache")
     common(render)
     render.set_defaults(func=cmd_prompts_render)
+
+    certs = sub.add_parser("certs", help="TLS certificates").add_subparsers(dest="certs_command", required=True)
+    signed = certs.add_parser("self-signed", help="write a self-signed certificate and key (0600) for trying HTTPS: "
+                                                  "set them as http.tls_cert/tls_key and room_service.tls_cert/tls_key")
+    signed.add_argument("--name", action="append", required=True,
+                        help="a DNS name or IP address the certificate is for (repeat for more; the first is its CN)")
+    signed.add_argument("--out", default="data/tls", help="directory for cert.pem and key.pem (default: data/tls)")
+    signed.add_argument("--days", type=int, default=397, help="validity (default: 397, what browsers accept)")
+    signed.add_argument("--force", action="store_true", help="replace existing files")
+    signed.set_defaults(func=cmd_certs_self_signed)
     return p
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
 import types
 import typing
@@ -62,6 +63,8 @@ class RtpConfig:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    tls_cert: str = ""  # PEM chain: the Voice API over HTTPS (TLS 1.2+, with HSTS); empty = plain HTTP
+    tls_key: str = ""
 
 
 @dataclass
@@ -119,7 +122,9 @@ class RoomServiceConfig:
     embedded: bool = True  # `gateway run` starts `gateway rooms serve` beside the worker
     host: str = "127.0.0.1"
     port: int = 8090
-    url: str = ""  # how the gateway and browsers reach it; empty = http://host:port
+    url: str = ""  # how the gateway and browsers reach it; empty = http(s)://host:port
+    tls_cert: str = ""  # PEM chain: the room page over HTTPS (browsers give camera and microphone to HTTPS pages)
+    tls_key: str = ""
     api_user: str = "demo"
     api_key: str = ""  # empty: generated once into DATA_DIR/room-service.json
     secret: str = ""  # gateway <-> room service token secret; empty: generated into the same file
@@ -191,6 +196,7 @@ class WebhookConfig:
     # loopback, private, link-local, CGNAT, multicast and metadata addresses a webhook may reach anyway (CIDRs);
     # empty: public addresses only (SSRF)
     allow_networks: list[str] = field(default_factory=list)
+    ca_file: str = ""  # PEM CAs trusted for https receivers besides the system's (a private CA)
 
 
 @dataclass
@@ -439,6 +445,10 @@ def _validate(c: Config) -> None:
 
     port(c.sip.port, "sip.port")
     port(c.http.port, "http.port")
+    for section, listener in (("http", c.http), ("room_service", c.room_service)):
+        _check_tls(listener.tls_cert, listener.tls_key, section)
+    if c.webhooks.ca_file and not os.access(c.webhooks.ca_file, os.R_OK):
+        raise ConfigError(f"webhooks.ca_file: cannot read {c.webhooks.ca_file}")
     for transport in c.sip.transports:
         if transport not in ("udp", "tcp"):
             raise ConfigError(f"sip.transports: unknown transport {transport!r} (udp, tcp)")
@@ -556,6 +566,18 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"dids[{i}].room_id: required when route = \"room\"")
         if d.project not in projects:
             raise ConfigError(f"dids[{i}].project: no project named {d.project!r}")
+
+
+def _check_tls(cert: str, key: str, section: str) -> None:
+    """Both files or neither, readable, and a pair (the key is the certificate's): said at start, not at first use."""
+    if not cert and not key:
+        return
+    if not (cert and key):
+        raise ConfigError(f"{section}.tls_cert and {section}.tls_key: give both (or neither, for plain HTTP)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{section}.tls_cert/{section}.tls_key: {exc}") from None
 
 
 def _validate_api(a: ApiConfig) -> None:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from . import tls
 from .adapters.clock import MediaClock
 from .api.voice import VoiceApi
 from .calls.registration import Registration
@@ -36,6 +37,11 @@ class Served(Protocol):
 def make_app(worker: Served) -> web.Application:
     app = web.Application(client_max_size=worker.config.api.max_body_bytes)
     app["worker"] = worker
+    if worker.config.http.tls_cert:  # over HTTPS: browsers and clients keep to it
+        async def hsts(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["Strict-Transport-Security"] = tls.HSTS
+
+        app.on_response_prepare.append(hsts)
 
     async def healthz(request: web.Request) -> web.Response:
         if not worker.ready:

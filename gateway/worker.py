@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import log
+from . import log, tls
 from .adapters.clock import MediaClock
 from .api.voice import VoiceApi
 from .api.webhooks import Notifier
@@ -53,7 +53,7 @@ class Worker:
             self.projects.ensure(project)
         self.prompts = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
         http = config.http
-        self.api_url = f"http://{http.host}:{http.port}"
+        self.api_url = f"{tls.scheme(http.tls_cert)}://{http.host}:{http.port}"
         self.registry: CallRegistry = (
             RedisRegistry(config.cluster.redis_url, name, self.api_url, f"{config.sip.host}:{config.sip.port}")
             if config.cluster.redis_url else LocalRegistry(name))
@@ -160,7 +160,9 @@ class Worker:
             registration.start()
         self._runner = web.AppRunner(make_app(self), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.http.host, self.config.http.port)
+        http = self.config.http
+        site = web.TCPSite(self._runner, http.host, http.port,
+                           ssl_context=tls.server_context(http.tls_cert, http.tls_key) if http.tls_cert else None)
         await site.start()
         self.ready = True
         self._write_pidfile()

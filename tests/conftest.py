@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -110,14 +111,24 @@ class Gateway:
     data_dir: Path
     log_path: Path
     rooms_port: int = 0
+    tls: ssl.SSLContext | None = None  # HTTPS on both listeners: a client context pinned to their certificate
+    spki: str = ""  # that certificate's SPKI hash, for Chromium to trust it
 
     @property
     def sip(self) -> str:
         return f"127.0.0.1:{self.sip_port}"
 
+    @property
+    def api_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    @property
+    def rooms_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.rooms_port}"
+
     def http_get(self, path: str) -> tuple[int, dict]:  # type: ignore[type-arg]
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(f"{self.api_url}{path}", timeout=5, context=self.tls) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
@@ -150,7 +161,33 @@ def janus_env(rtp_low: int) -> dict[str, str]:
             "GATEWAY_JANUS_RTP_PORT_MIN": str(rtp_low), "GATEWAY_JANUS_RTP_PORT_MAX": str(rtp_low + 400)}
 
 
-def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> Gateway:
+def tls_files(tmp: Path, *names: str) -> tuple[Path, Path]:
+    """A self-signed certificate (as `gateway certs self-signed` makes it) for 127.0.0.1 and `names`."""
+    from gateway import tls
+
+    cert, key = tmp / "tls" / "cert.pem", tmp / "tls" / "key.pem"
+    if not cert.exists():
+        tls.self_signed(["127.0.0.1", *names], cert, key)
+    return cert, key
+
+
+def spki_hash(cert: Path) -> str:
+    """base64 SHA-256 of the certificate's public key (Chromium's --ignore-certificate-errors-spki-list)."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None,
+                  https: bool = False) -> Gateway:
+    """`gateway run` on ports of its own; `https`: the Voice API and the room service over HTTPS (a self-signed
+    certificate made here)."""
     sip_port, http_port, rooms_port = free_port(), free_port(), free_port()
     rtp_low = port_block(1602)  # the worker's 1200 RTP ports, then Janus's 400
     rtp = (rtp_low, rtp_low + 1200)
@@ -162,11 +199,20 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
         cfg.write_text(config_text)
         args += ["--config", str(cfg)]
     log_path = tmp / "gateway.log"
+    secure: dict[str, str] = {}
+    if https:
+        cert, key = tls_files(tmp)
+        secure = {f"GATEWAY_{section}_TLS_{part}": str(path) for section in ("HTTP", "ROOM_SERVICE")
+                  for part, path in (("CERT", cert), ("KEY", key))}
     proc = subprocess.Popen(args, cwd=ROOT, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "GATEWAY_ROOM_SERVICE_PORT": str(rooms_port),
                                  "GATEWAY_CLUSTER_DRAIN_TIMEOUT_S": "5", **janus_env(rtp[1] + 2),
-                                 "GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.0/8"]', **(env or {})})  # receivers
+                                 "GATEWAY_WEBHOOKS_ALLOW_NETWORKS": '["127.0.0.0/8"]', **secure, **(env or {})})
     gw = Gateway(proc, sip_port, http_port, rtp, data, log_path, rooms_port)
+    if https:
+        from gateway import tls
+
+        gw.tls, gw.spki = tls.pinned_context(str(cert)), spki_hash(cert)
 
     def healthy() -> bool:
         if proc.poll() is not None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from .. import log
+from .. import log, tls
 from ..apps.routes import run_hosted
 from ..apps.services import IvrServices
 from ..calls.call import Call
@@ -203,7 +203,10 @@ class VoiceApi:
         if url is None:
             return None
         if self._client is None:
-            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_WAIT_S + 10))
+            cert = self.config.http.tls_cert  # the other workers serve the same certificate
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_WAIT_S + 10),
+                                                 connector=aiohttp.TCPConnector(
+                                                     ssl=tls.pinned_context(cert) if cert else True))
         headers = {"Authorization": request.headers.get("Authorization", ""), FORWARDED: "1",
                    "Content-Type": request.headers.get("Content-Type", "application/json")}
         try:

@@ -46,7 +46,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from .. import log
+from .. import log, tls
 from ..config import WebhookConfig
 from ..store.cdr import CdrStore, strip_credentials
 
@@ -403,7 +403,8 @@ class Notifier:
     def _session(self) -> aiohttp.ClientSession:
         if self.session is None:
             connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.allow, self.dns),
-                                             socket_factory=guarded_socket(self.allow))
+                                             socket_factory=guarded_socket(self.allow),
+                                             ssl=tls.client_context(self.config.ca_file) if self.config.ca_file else True)
             self.session = aiohttp.ClientSession(connector=connector, trust_env=False,
                                                  timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
         return self.session

@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import aiohttp
 
-from .. import log
+from .. import log, tls
 from ..api.webhooks import encode, lost_call_event
 from ..config import Config
 from ..store import cdr
@@ -275,7 +275,8 @@ class Supervisor:
         http = self.config.http
         cmd = [sys.executable, "-m", "gateway", "rooms", "serve", "--data-dir", str(self.data),
                "--port", str(self.config.room_service.port),
-               "--voice-api-url", self.config.room_service.voice_api_url or f"http://{http.host}:{self.slots[0].http_port}"]
+               "--voice-api-url", self.config.room_service.voice_api_url
+               or f"{tls.scheme(http.tls_cert)}://{http.host}:{self.slots[0].http_port}"]
         if self.config_path is not None:
             cmd += ["--config", str(self.config_path)]
         self._spawn("rooms", cmd, env={**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url})
@@ -348,7 +349,9 @@ class Supervisor:
     async def _health(self, slot: Slot) -> dict[str, Any] | None:
         assert self.http is not None
         try:
-            async with self.http.get(f"http://{self.config.http.host}:{slot.http_port}/healthz") as r:
+            http = self.config.http
+            async with self.http.get(f"{tls.scheme(http.tls_cert)}://{http.host}:{slot.http_port}/healthz",
+                                     ssl=tls.pinned_context(http.tls_cert) if http.tls_cert else True) as r:
                 return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None

@@ -66,10 +66,12 @@ pc.getStats().then((stats) => {
 
 
 class Browser:
-    def __init__(self, workdir: Path, mic_wav: Path) -> None:
+    def __init__(self, workdir: Path, mic_wav: Path, trust_spki: str = "") -> None:
+        """`trust_spki`: the SPKI hash of a (self-signed) certificate this browser trusts, and no other one."""
         opts = webdriver.ChromeOptions()
         opts.binary_location = "/usr/bin/chromium"
-        for flag in FLAGS + [f"--use-file-for-fake-audio-capture={mic_wav}", f"--user-data-dir={workdir / 'chrome'}"]:
+        pin = [f"--ignore-certificate-errors-spki-list={trust_spki}"] if trust_spki else []
+        for flag in FLAGS + pin + [f"--use-file-for-fake-audio-capture={mic_wav}", f"--user-data-dir={workdir / 'chrome'}"]:
             opts.add_argument(flag)
         self.driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
         self.driver.set_page_load_timeout(30)

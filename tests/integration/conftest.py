@@ -16,11 +16,18 @@ JANUS_RTP = (61000, 61999)  # outside free_port()'s range, the gateway's RTP por
 
 
 @pytest.fixture
-def bridge_gateway(tmp_path: Path) -> Iterator[Gateway]:
+def bridge_https() -> bool:
+    """Whether the gateway's HTTP listeners (the Voice API, the room service and its page) use HTTPS: a module
+    overrides this fixture to say yes."""
+    return False
+
+
+@pytest.fixture
+def bridge_gateway(tmp_path: Path, bridge_https: bool) -> Iterator[Gateway]:
     with network_namespace():
         env = {"GATEWAY_JANUS_HTTP_PORT": str(free_port()), "GATEWAY_JANUS_WS_PORT": str(free_port()),
                "GATEWAY_JANUS_RTP_PORT_MIN": str(JANUS_RTP[0]), "GATEWAY_JANUS_RTP_PORT_MAX": str(JANUS_RTP[1])}
-        gw = start_gateway(tmp_path, make_test_config(), env)
+        gw = start_gateway(tmp_path, make_test_config(), env, https=bridge_https)
         try:
             wait_until(lambda: all(f'"{e}"' in gw.log() for e in ("prompts.ready", "rooms.started", "janus.started")),
                        60, "prompts, the room service and Janus")
@@ -30,12 +37,13 @@ def bridge_gateway(tmp_path: Path) -> Iterator[Gateway]:
 
 
 @pytest.fixture
-def browsers(tmp_path: Path) -> Iterator[Any]:
-    """browsers(name, freq): a Chromium whose microphone plays a tone; all of them closed at the end."""
+def browsers(tmp_path: Path, bridge_gateway: Gateway) -> Iterator[Any]:
+    """browsers(name, freq): a Chromium whose microphone plays a tone (and which trusts the gateway's certificate
+    when it has one); all of them closed at the end."""
     opened: list[Browser] = []
 
     def make(name: str, freq: float) -> Browser:
-        b = Browser(tmp_path / name, tone_wav(tmp_path / f"{name}.wav", freq))
+        b = Browser(tmp_path / name, tone_wav(tmp_path / f"{name}.wav", freq), trust_spki=bridge_gateway.spki)
         opened.append(b)
         return b
 

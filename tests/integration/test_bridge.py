@@ -30,13 +30,13 @@ IVR_DID = "15550100000"
 
 def api(gw: Gateway, method: str, path: str, body: Any = None, auth: bool = True) -> tuple[int, Any]:
     key = json.loads((gw.data_dir / "room-service.json").read_text())["api_key"]
-    req = urllib.request.Request(f"http://127.0.0.1:{gw.rooms_port}{path}", method=method,
+    req = urllib.request.Request(f"{gw.rooms_url}{path}", method=method,
                                  data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(f"demo:{key}".encode()).decode())
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=gw.tls) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")

@@ -22,6 +22,11 @@ from tests.integration.ivr_tools import ivr_scenario, rfc4733
 from tests.integration.test_bridge import IVR_DID, api, hears, pid, run_in_thread, silent
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.serial]  # Chromium and WebRTC: alone, after the parallel pass
+
+
+@pytest.fixture
+def bridge_https() -> bool:
+    return True  # as people use the page off localhost: over HTTPS (browsers give the camera to secure pages only)
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
 MARKUP = "<b>Cat</b><img src=x>"
 
@@ -73,6 +78,7 @@ def ended(b: Browser, closed: str, title: str) -> None:
 def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, browsers: Any, tmp_path: Path) -> None:
     gw = bridge_gateway
     _, room = api(gw, "POST", "/video/v1/rooms", {"name": "Design review", "settings": {"sip": {"enabled": True}}})
+    assert room["links"]["join"].startswith("https://")  # the page over HTTPS (a pinned self-signed certificate)
     ann, bob, cat = browsers("ann", 440.0), browsers("bob", 660.0), browsers("cat", 880.0)
     ann.join(room["links"]["host"], "Ann")
     bob.join(room["links"]["join"], "Bob")
@@ -138,8 +144,8 @@ def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, brows
 
     # many in the room (five more, by their WebSockets alone: avatars): the speaker view, still on screen at both sizes
     import websocket  # websocket-client (Selenium's), from this thread: in the namespace
-    base = f"ws://127.0.0.1:{gw.rooms_port}/rooms/{room['room_id']}/ws"
-    crowd = [websocket.create_connection(base, timeout=10) for _ in range(5)]
+    base = f"wss://127.0.0.1:{gw.rooms_port}/rooms/{room['room_id']}/ws"
+    crowd = [websocket.create_connection(base, timeout=10, sslopt={"context": gw.tls}) for _ in range(5)]
     try:
         for i, ws in enumerate(crowd):
             ws.send(json.dumps({"type": "join", "kind": "browser", "name": f"Guest {i + 1}"}))

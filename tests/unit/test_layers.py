@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "gateway"
 FLOORS = {
-    "config": 0, "log": 0, "sources": 0,
+    "config": 0, "log": 0, "sources": 0, "tls": 0,
     "sip": 1, "media": 1,
     "adapters": 2, "store": 2,
     "calls": 3,

@@ -60,7 +60,7 @@ from typing import Any, TypeGuard
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from ... import log
+from ... import log, tls
 from ...cluster.janus import JanusSecrets
 from ...config import Config
 from ...sources import FailureWindow, source_key
@@ -128,7 +128,7 @@ def check_phone_token(secret: str, room_id: str, role: str, token: object, now: 
 def room_links(config: Config, secret: str, room_id: str, now: float | None = None) -> dict[str, str]:
     """The page for participants, and the moderator (host) page, whose link expires in `host_link_days`."""
     rs = config.room_service
-    base = rs.url or f"http://{rs.host}:{rs.port}"
+    base = rs.url or f"{tls.scheme(rs.tls_cert)}://{rs.host}:{rs.port}"
     expires = int((time.time() if now is None else now) + rs.host_link_days * 86400)
     return {"join": f"{base}/rooms/{room_id}",
             "host": f"{base}/rooms/{room_id}?host={host_token(secret, room_id, expires)}"}
@@ -214,7 +214,10 @@ class RoomService:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.from_url(config.cluster.redis_url, decode_responses=True, socket_timeout=2)
-        self.voice_api_url = config.room_service.voice_api_url or f"http://{config.http.host}:{config.http.port}"
+        http = config.http
+        self.voice_api_url = config.room_service.voice_api_url or f"{tls.scheme(http.tls_cert)}://{http.host}:{http.port}"
+        # the gateway's Voice API serves http.tls_cert: pinned to it (at 127.0.0.1 or at its public name alike)
+        self.voice_api_tls = tls.pinned_context(http.tls_cert) if http.tls_cert else True
         self.pool = JanusPool(janus_urls(config), lambda: JanusSecrets.load(config), config.janus.prebuffer,
                               on_lost=lambda server: self.live.server_lost(server))
         self.live = LiveRooms(config, self.pool,
@@ -241,9 +244,10 @@ class RoomService:
                       error=f"{type(exc).__name__}: {exc}"[:200], at=where(exc))
             return error(500, "internal_error", "the room service failed to answer")
 
-    @staticmethod
-    async def headers(request: web.Request, response: web.StreamResponse) -> None:
+    async def headers(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers.update(security.COMMON_HEADERS)
+        if self.config.room_service.tls_cert:  # over HTTPS: browsers keep to it
+            response.headers["Strict-Transport-Security"] = tls.HSTS
 
     def throttled(self, request: web.Request) -> web.Response | None:
         """429 while the request's source is over its authentication failures."""
@@ -402,7 +406,8 @@ class RoomService:
         """Call the gateway's Voice API as the room's project (its internal key: the app_key is not kept)."""
         auth = aiohttp.BasicAuth(project.app_id, self.projects.internal_key(project))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            async with session.request(method, f"{self.voice_api_url}{path}", json=payload, auth=auth) as r:
+            async with session.request(method, f"{self.voice_api_url}{path}", json=payload, auth=auth,
+                                       ssl=self.voice_api_tls) as r:
                 return r.status, await r.json(content_type=None)
 
     async def dial_progress(self, request: web.Request) -> web.Response:
@@ -640,7 +645,8 @@ def serve(config: Config) -> None:
         runner = web.AppRunner(service.app(), access_log=None)
         await runner.setup()
         rs = config.room_service
-        await web.TCPSite(runner, rs.host, rs.port).start()
+        await web.TCPSite(runner, rs.host, rs.port,
+                          ssl_context=tls.server_context(rs.tls_cert, rs.tls_key) if rs.tls_cert else None).start()
         log.event(logger, "rooms.started", http=f"{rs.host}:{rs.port}", data_dir=str(config.data_dir))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
