@@ -3,9 +3,10 @@ of them; a self-signed certificate for trying it out (`gateway certs self-signed
 
 Listeners take TLS 1.2 and 1.3 only, with the certificate chain and key the operator configures
 (`http.tls_cert`/`tls_key`, `room_service.tls_cert`/`tls_key`). The gateway's processes reach each other at
-loopback addresses, not at the certificate's name: their clients trust exactly the listener's configured
-certificate (a pin, `pinned_context`), so a self-signed one works and nothing else is accepted. Clients of the
-world (webhooks, alarms) verify against the system's CAs plus an optional CA file (`client_context`).
+loopback addresses, not at the certificate's name (`internal`): a self-signed certificate is pinned (it alone
+is trusted, at any address); a CA-issued one is verified as any client would, for its own name (so a renewal,
+same name, is accepted by processes started before it). Webhooks verify against the system's CAs plus an
+optional CA file (`client_context`).
 
 The self-signed certificate is generated with `cryptography` (already a dependency for the secrets at rest),
 rather than by calling openssl: an ECDSA P-256 key, the names and addresses given as subjectAltNames.
@@ -19,6 +20,7 @@ import ipaddress
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 
 HSTS = "max-age=31536000"  # a year: browsers keep to HTTPS for this host once they saw it over HTTPS
 
@@ -32,15 +34,45 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _blocks(pem: str) -> list[str]:
+    end = "-----END CERTIFICATE-----"
+    return [b[b.index("-----BEGIN CERTIFICATE-----"):] + end for b in pem.split(end) if "-----BEGIN CERTIFICATE-----" in b]
+
+
 @functools.lru_cache(maxsize=8)
-def pinned_context(cert: str) -> ssl.SSLContext:
-    """A client that trusts exactly the certificate in `cert` (our own listener, at whatever address); made once."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=cert)
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
-    ctx.check_hostname = False  # reached at 127.0.0.1 or a pod address; the pin is the check
-    return ctx
+def _internal(cert: str) -> tuple[ssl.SSLContext, str | None]:
+    from cryptography import x509
+
+    blocks = _blocks(Path(cert).read_text())
+    leaf = x509.load_pem_x509_certificate(blocks[0].encode())
+    if leaf.issuer == leaf.subject:  # self-signed: that very certificate (its first block) and nothing else
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=blocks[0])
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the trust anchor
+        ctx.check_hostname = False  # reached at 127.0.0.1 or a pod address: the pin is the check
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx, None
+    # CA-issued: verified as any client would (the system's CAs, and the chain's own CAs for a private one), for the
+    # certificate's own name, whatever address we dial: a renewed certificate (same name) is accepted too
+    ctx = client_context()
+    if len(blocks) > 1:
+        ctx.load_verify_locations(cadata="\n".join(blocks[1:]))
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        name = str(next(iter(names.get_values_for_type(x509.DNSName) or names.get_values_for_type(x509.IPAddress))))
+    except (x509.ExtensionNotFound, StopIteration):
+        name = leaf.subject.rfc4514_string().partition("CN=")[2].partition(",")[0]
+    return ctx, name
+
+
+def internal(cert: str) -> dict[str, Any]:
+    """aiohttp's `ssl` and `server_hostname` for a hop between the gateway's own processes to a listener serving
+    `cert` ({} without one: plain HTTP). A self-signed certificate is pinned (it alone is trusted); a CA-issued
+    one is verified for its own name."""
+    if not cert:
+        return {}
+    context, name = _internal(cert)
+    return {"ssl": context, "server_hostname": name}
 
 
 def client_context(ca_file: str = "") -> ssl.SSLContext:
@@ -81,7 +113,8 @@ def self_signed(names: list[str], cert_path: Path, key_path: Path, days: int = 3
             .sign(key, hashes.SHA256()))
     key_path.parent.mkdir(parents=True, exist_ok=True)
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # also when it replaces a file that was readable
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))

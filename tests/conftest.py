@@ -212,7 +212,7 @@ def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str]
     if https:
         from gateway import tls
 
-        gw.tls, gw.spki = tls.pinned_context(str(cert)), spki_hash(cert)
+        gw.tls, gw.spki = tls.internal(str(cert))["ssl"], spki_hash(cert)
 
     def healthy() -> bool:
         if proc.poll() is not None:

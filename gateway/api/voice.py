@@ -202,16 +202,16 @@ class VoiceApi:
         url = await self.registry.owner(voice_id)
         if url is None:
             return None
+        cert = self.config.http.tls_cert  # the other workers serve the same certificate (this host's, or its name's)
+        if cert and not url.startswith("https://"):  # never the project's credentials in clear
+            raise ApiError(503, "worker_unreachable", "the worker holding this call has no HTTPS")
         if self._client is None:
-            cert = self.config.http.tls_cert  # the other workers serve the same certificate
-            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_WAIT_S + 10),
-                                                 connector=aiohttp.TCPConnector(
-                                                     ssl=tls.pinned_context(cert) if cert else True))
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JOIN_WAIT_S + 10))
         headers = {"Authorization": request.headers.get("Authorization", ""), FORWARDED: "1",
                    "Content-Type": request.headers.get("Content-Type", "application/json")}
         try:
             async with self._client.request(request.method, url + request.path_qs, data=await request.read() or None,
-                                            headers=headers) as r:
+                                            headers=headers, **tls.internal(cert)) as r:
                 body = await r.read()
                 log.event(logger, "api.forwarded", voice_id=voice_id, to=url, status=r.status)
                 return web.Response(body=body, status=r.status, content_type="application/json")

@@ -351,7 +351,7 @@ class Supervisor:
         try:
             http = self.config.http
             async with self.http.get(f"{tls.scheme(http.tls_cert)}://{http.host}:{slot.http_port}/healthz",
-                                     ssl=tls.pinned_context(http.tls_cert) if http.tls_cert else True) as r:
+                                     **tls.internal(http.tls_cert)) as r:
                 return await r.json() if r.status == 200 else None  # type: ignore[no-any-return]
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None

@@ -121,7 +121,7 @@ class JanusLeg:
         c = self.connector
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         try:
-            self.ws = await self.http.ws_connect(f"{c.url}/rooms/{self.room_id}/ws", heartbeat=20, ssl=c.tls)
+            self.ws = await self.http.ws_connect(f"{c.url}/rooms/{self.room_id}/ws", heartbeat=20, **c.tls)
         except (aiohttp.ClientError, OSError) as exc:
             raise RoomError(f"room service unreachable: {exc}") from exc
         await self.ws.send_json({"type": "join", "kind": "phone", "role": role, "name": name, "media": "rtp",
@@ -175,8 +175,7 @@ class JanusRoomConnector:
     def __init__(self, config: Config, secret: str, api_secret: str, ports: PortAllocator, media_host: str) -> None:
         rs = config.room_service
         self.url = rs.url or f"{tls.scheme(rs.tls_cert)}://{rs.host}:{rs.port}"
-        # our room service serves rs.tls_cert: pinned to it (at 127.0.0.1 or at its public name alike)
-        self.tls = tls.pinned_context(rs.tls_cert) if rs.tls_cert else True
+        self.tls = tls.internal(rs.tls_cert)  # our room service serves rs.tls_cert
         self.secret = secret
         self.api_secret = api_secret
         self.ports = ports

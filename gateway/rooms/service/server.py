@@ -216,8 +216,7 @@ class RoomService:
             self.redis = aioredis.from_url(config.cluster.redis_url, decode_responses=True, socket_timeout=2)
         http = config.http
         self.voice_api_url = config.room_service.voice_api_url or f"{tls.scheme(http.tls_cert)}://{http.host}:{http.port}"
-        # the gateway's Voice API serves http.tls_cert: pinned to it (at 127.0.0.1 or at its public name alike)
-        self.voice_api_tls = tls.pinned_context(http.tls_cert) if http.tls_cert else True
+        self.voice_api_tls = tls.internal(http.tls_cert)  # the gateway's Voice API serves http.tls_cert
         self.pool = JanusPool(janus_urls(config), lambda: JanusSecrets.load(config), config.janus.prebuffer,
                               on_lost=lambda server: self.live.server_lost(server))
         self.live = LiveRooms(config, self.pool,
@@ -407,7 +406,7 @@ class RoomService:
         auth = aiohttp.BasicAuth(project.app_id, self.projects.internal_key(project))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             async with session.request(method, f"{self.voice_api_url}{path}", json=payload, auth=auth,
-                                       ssl=self.voice_api_tls) as r:
+                                       **self.voice_api_tls) as r:
                 return r.status, await r.json(content_type=None)
 
     async def dial_progress(self, request: web.Request) -> web.Response:

@@ -1,0 +1,60 @@
+"""How the gateway's processes verify each other's HTTPS (a self-signed certificate pinned, a CA-issued one verified
+for its own name), and TLS configuration mistakes said at start."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway import tls
+from gateway.config import ConfigError, load_config
+
+
+def issued_chain(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A leaf for `name` issued by a private CA: fullchain.pem (leaf, then CA) and its key."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False).sign(ca_key, hashes.SHA256()))
+    chain, key_path = tmp / "fullchain.pem", tmp / "privkey.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return chain, key_path
+
+
+def test_a_self_signed_certificate_is_pinned_and_a_ca_issued_one_verified_for_its_name(tmp_path: Path) -> None:
+    tls.self_signed(["127.0.0.1"], tmp_path / "self" / "cert.pem", tmp_path / "self" / "key.pem")
+    pinned = tls.internal(str(tmp_path / "self" / "cert.pem"))
+    assert pinned["server_hostname"] is None and not pinned["ssl"].check_hostname  # the pin is the check
+    assert pinned["ssl"].cert_store_stats()["x509"] == 1  # that certificate, nothing else
+    chain, _ = issued_chain(tmp_path, "meet.example.com")
+    issued = tls.internal(str(chain))
+    assert issued["server_hostname"] == "meet.example.com" and issued["ssl"].check_hostname
+    assert tls.internal("") == {}  # plain HTTP
+
+
+def test_sip_tls_needs_its_files_and_an_encrypted_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sip.tls_cert and sip.tls_key are needed"):
+        load_config(None, {"GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]'})
+    chain, key = issued_chain(tmp_path, "sip.example.com")
+    assert load_config(None, {"GATEWAY_SIP_TRANSPORTS": '["tls"]', "GATEWAY_SIP_TLS_CERT": str(chain),
+                              "GATEWAY_SIP_TLS_KEY": str(key)}).sip.transports == ["tls"]
+    locked = tmp_path / "locked.pem"
+    secret = serialization.load_pem_private_key(key.read_bytes(), None)
+    locked.write_bytes(secret.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pass phrase")))
+    with pytest.raises(ConfigError, match="pass phrase"):
+        load_config(None, {"GATEWAY_HTTP_TLS_CERT": str(chain), "GATEWAY_HTTP_TLS_KEY": str(locked)})
