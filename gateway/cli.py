@@ -55,6 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.cluster_child and (args.workers is not None or config.cluster.workers > 1):
         from .cluster.supervisor import Supervisor
 
+        if "tls" in config.sip.transports:  # every worker would bind sip.tls_port; Kamailio's TLS front: not yet
+            raise ConfigError("sip.transports: tls is for one worker for now (with --workers, terminate TLS in "
+                              "front of Kamailio)")
+
         path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         try:
             asyncio.run(Supervisor(config, path, config.cluster.workers).run())

@@ -27,7 +27,11 @@ class ConfigError(ValueError):
 class SipConfig:
     host: str = "127.0.0.1"
     port: int = 5060
-    transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])
+    transports: list[str] = field(default_factory=lambda: ["udp", "tcp"])  # and "tls" (on tls_port)
+    tls_port: int = 5061
+    tls_cert: str = ""  # PEM chain and key for SIP over TLS (TLS 1.2+); required with "tls" in transports
+    tls_key: str = ""
+    tls_ca: str = ""  # PEM CAs trusted for outgoing TLS connections (trunks' proxies) besides the system's
     public_host: str = ""  # address written in Contact and SDP; defaults to host
     user_agent: str = "gateway"
     session_expires: int = 1800  # RFC 4028 interval we ask for / accept
@@ -450,8 +454,14 @@ def _validate(c: Config) -> None:
     if c.webhooks.ca_file and not os.access(c.webhooks.ca_file, os.R_OK):
         raise ConfigError(f"webhooks.ca_file: cannot read {c.webhooks.ca_file}")
     for transport in c.sip.transports:
-        if transport not in ("udp", "tcp"):
-            raise ConfigError(f"sip.transports: unknown transport {transport!r} (udp, tcp)")
+        if transport not in ("udp", "tcp", "tls"):
+            raise ConfigError(f"sip.transports: unknown transport {transport!r} (udp, tcp, tls)")
+    port(c.sip.tls_port, "sip.tls_port")
+    if "tls" in c.sip.transports and not (c.sip.tls_cert and c.sip.tls_key):
+        raise ConfigError("sip.transports has tls: sip.tls_cert and sip.tls_key are needed")
+    _check_tls(c.sip.tls_cert, c.sip.tls_key, "sip")
+    if c.sip.tls_ca and not os.access(c.sip.tls_ca, os.R_OK):
+        raise ConfigError(f"sip.tls_ca: cannot read {c.sip.tls_ca}")
     for key in ("host", "public_host"):
         value = getattr(c.sip, key)
         if value:
@@ -574,8 +584,12 @@ def _check_tls(cert: str, key: str, section: str) -> None:
         return
     if not (cert and key):
         raise ConfigError(f"{section}.tls_cert and {section}.tls_key: give both (or neither, for plain HTTP)")
+    def no_passphrase() -> str:
+        raise ConfigError(f"{section}.tls_key: an encrypted key (a pass phrase) is not supported: decrypt it, "
+                          "keep it 0600")
+
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{section}.tls_cert/{section}.tls_key: {exc}") from None
 

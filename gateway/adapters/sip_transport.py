@@ -1,4 +1,4 @@
-"""Thin asyncio transports (UDP, TCP) around the sans-I/O `SipStack`.
+"""Thin asyncio transports (UDP, TCP, TLS) around the sans-I/O `SipStack`.
 
 They only move bytes: feed what arrives into the stack with the loop's clock, send what the stack wants
 sent, and keep one timer armed at `stack.get_timer()`. Nothing malformed ever raises out of here.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections.abc import Callable
 
 from .. import log
@@ -42,6 +43,10 @@ class SipTransport:
         self.loop = asyncio.get_running_loop()
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp_server: asyncio.Server | None = None
+        self.tls_server: asyncio.Server | None = None
+        self.tls_client: ssl.SSLContext | None = None
+        self.tls_context: ssl.SSLContext | None = None
+        self.tls_refused = 0  # TLS handshakes that failed, since start (metrics)
         self.connections: dict[int, _TcpConnection] = {}
         self.by_peer: dict[tuple[str, int], int] = {}
         self.per_source: dict[str, int] = {}  # untrusted inbound TCP connections by source key
@@ -57,7 +62,12 @@ class SipTransport:
     def now(self) -> float:
         return self.loop.time()
 
-    async def start(self, host: str, port: int, transports: list[str]) -> None:
+    async def start(self, host: str, port: int, transports: list[str], tls_port: int = 0,
+                    tls_server: ssl.SSLContext | None = None, tls_client: ssl.SSLContext | None = None) -> None:
+        """Listen on `transports` ("udp", "tcp" on `port`; "tls" on `tls_port` with `tls_server`); `tls_client`
+        verifies the peers of the TLS connections we open."""
+        self.tls_client = tls_client
+        self.tls_context = tls_server
         if "udp" in transports:
             self.udp, _ = await self.loop.create_datagram_endpoint(lambda: _UdpProtocol(self), local_addr=(host, port))
             sock = self.udp.get_extra_info("sockname")
@@ -66,6 +76,11 @@ class SipTransport:
         if "tcp" in transports:
             self.tcp_server = await self.loop.create_server(lambda: _TcpConnection(self), host, port, backlog=1024)
             self.stack.local["tcp"] = (host, self.tcp_server.sockets[0].getsockname()[1])
+        if "tls" in transports and tls_server is not None:
+            # plain TCP first: the connection caps apply before any handshake work, then TLS (`_TcpConnection`)
+            self.tls_server = await self.loop.create_server(lambda: _TcpConnection(self, name="tls"), host, tls_port,
+                                                            backlog=1024)
+            self.stack.local["tls"] = (host, self.tls_server.sockets[0].getsockname()[1])
 
     def close(self) -> None:
         if self._timer:
@@ -74,6 +89,8 @@ class SipTransport:
             self.udp.close()
         if self.tcp_server:
             self.tcp_server.close()
+        if self.tls_server:
+            self.tls_server.close()
         for conn in list(self.connections.values()):
             conn.transport.close()
 
@@ -124,26 +141,30 @@ class SipTransport:
             return
         conn_id = target.conn if target.conn in self.connections else self.by_peer.get((target.host, target.port))
         if conn_id is not None and conn_id in self.connections:
-            self.connections[conn_id].transport.write(out.data)
+            self.connections[conn_id].send(out.data)
             return
         key = (target.host, target.port)
         if key in self._pending_connect:
             self._pending_connect[key].append(out.data)
             return
         self._pending_connect[key] = [out.data]
-        self.loop.create_task(self._connect(key))
+        self.loop.create_task(self._connect(key, target.transport))
 
-    async def _connect(self, key: tuple[str, int]) -> None:
+    async def _connect(self, key: tuple[str, int], transport: str) -> None:
+        # TLS: the peer's certificate verified against the system's CAs and sip.tls_ca, for the name (or the
+        # address: IP subjectAltNames) we connect to
+        context = (self.tls_client or ssl.create_default_context()) if transport == "tls" else None
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _TcpConnection(self, outbound=True), key[0], key[1]), 5.0
-            )
-        except (TimeoutError, OSError) as exc:
-            log.event(logger, "sip.tcp_connect_failed", logging.WARNING, peer=f"{key[0]}:{key[1]}", error=str(exc))
+                self.loop.create_connection(lambda: _TcpConnection(self, outbound=True, name=transport), key[0],
+                                            key[1], ssl=context), 5.0)
+        except (TimeoutError, OSError) as exc:  # ssl.SSLError (a certificate refused) is an OSError
+            log.event(logger, "sip.tcp_connect_failed", logging.WARNING, peer=f"{key[0]}:{key[1]}",
+                      transport=transport, error=str(exc))
             self._pending_connect.pop(key, None)
             return
         for data in self._pending_connect.pop(key, []):
-            conn.transport.write(data)
+            conn.send(data)
 
     # -- TCP connection caps
     def _open(self, conn: _TcpConnection) -> bool:
@@ -172,6 +193,17 @@ class SipTransport:
         self.by_peer[conn.peer] = conn.id
         return True
 
+    def refused_tls(self, conn: _TcpConnection, exc: BaseException) -> None:
+        """A handshake that failed (plain text, an old TLS version, no shared cipher, a stalled peer): one line
+        per source per LOG_WINDOW."""
+        self.tls_refused += 1
+        key = conn.key or source_key(conn.peer[0])
+        count = self._refusals.due(f"tls:{key}", self.loop.time())
+        if count:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            log.event(logger, "sip.tls_refused", logging.WARNING, source=key, reason=str(reason)[:120], refused=count,
+                      window_s=LOG_WINDOW)
+
     def _closed(self, conn: _TcpConnection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
@@ -198,9 +230,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 class _TcpConnection(asyncio.Protocol):
-    def __init__(self, owner: SipTransport, outbound: bool = False) -> None:
+    def __init__(self, owner: SipTransport, outbound: bool = False, name: str = "tcp") -> None:
         self.owner = owner
         self.outbound = outbound  # we opened it: the peer owes us no first message
+        self.name = name  # "tcp", or "tls" (asyncio's SSL layer below: we see the plain text, after the handshake)
         self.framer = StreamFramer()
         self.id = next(owner._conn_ids)
         self.transport: asyncio.Transport
@@ -210,6 +243,12 @@ class _TcpConnection(asyncio.Protocol):
         self._last_message = 0.0
         self._seen = False  # a complete message (or a keep-alive ping) has arrived on this connection
         self._open = False
+        # inbound TLS: the session in memory (asyncio's SSL transports would do the handshake before the caps
+        # and tell no one of a failed one; uvloop reads before a pause in connection_made could stop it)
+        self._tls: ssl.SSLObject | None = None
+        self._in: ssl.MemoryBIO | None = None
+        self._out: ssl.MemoryBIO | None = None
+        self._secured = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -221,10 +260,70 @@ class _TcpConnection(asyncio.Protocol):
         self._open = True
         cfg = self.owner.config
         self._last_message = self.owner.loop.time()
+        if self.name == "tls" and not self.outbound:  # accepted in plain TCP: TLS in memory, on this connection
+            context = self.owner.tls_context
+            assert context is not None
+            self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self._tls = context.wrap_bio(self._in, self._out, server_side=True)
         if self.outbound:
             self._arm(cfg.tcp_idle_s)
         else:
             self._arm(cfg.tcp_first_message_s)
+
+    def send(self, data: bytes) -> None:
+        if self._tls is None:
+            self.transport.write(data)
+            return
+        try:
+            self._tls.write(data)
+        except ssl.SSLError:  # the session is closing
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self._out is not None
+        pending = self._out.read()
+        if pending:
+            self.transport.write(pending)
+
+    def _goodbye(self) -> None:
+        """The peer ended the session: our close_notify back, then the connection closes (after what came with
+        the peer's is handled)."""
+        assert self._tls is not None
+        try:
+            self._tls.unwrap()
+        except ssl.SSLError:
+            pass
+        self._flush()
+        self.owner.loop.call_soon(self.transport.close)
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Inbound TLS: the plain text in `data` (b"" while the handshake goes on), None once the connection is
+        done (a refused handshake). The peer's close_notify: what came before it, then the connection closes."""
+        assert self._tls is not None and self._in is not None
+        self._in.write(data)
+        chunks: list[bytes] = []
+        try:
+            if not self._secured:
+                self._tls.do_handshake()
+                self._secured = True
+            while chunk := self._tls.read(65536):
+                chunks.append(chunk)
+            # b"": the peer's close_notify (read() says so by returning nothing, not by raising)
+            self._goodbye()
+            return b"".join(chunks)
+        except ssl.SSLWantReadError:
+            self._flush()
+            return b"".join(chunks)
+        except ssl.SSLZeroReturnError:
+            self._goodbye()
+            return b"".join(chunks)
+        except ssl.SSLError as exc:
+            self._flush()  # our alert, if any
+            if not self._secured:
+                self.owner.refused_tls(self, exc)
+            self.transport.close()
+            return None
 
     def _arm(self, delay: float) -> None:
         if self._deadline:
@@ -249,6 +348,11 @@ class _TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._open:
             return
+        if self._tls is not None:
+            plain = self._decrypt(data)
+            if not plain:
+                return
+            data = plain
         try:
             messages = self.framer.feed(data)
         except FramingError as exc:
@@ -256,13 +360,13 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.close()
             return
         if self.framer.pongs:
-            self.transport.write(b"\r\n" * self.framer.pongs)
+            self.send(b"\r\n" * self.framer.pongs)
             self.framer.pongs = 0
             self._activity()
         for message in messages:
             self._activity()
-            if self.owner.admit(self.peer[0], "tcp"):
-                self.owner.received(message, Target("tcp", self.peer[0], self.peer[1], self.id))
+            if self.owner.admit(self.peer[0], self.name):
+                self.owner.received(message, Target(self.name, self.peer[0], self.peer[1], self.id))
 
     def _activity(self) -> None:
         """A complete unit arrived: the idle timer restarts from now (lazily: no timer churn per message)."""

@@ -134,8 +134,8 @@ class OutboundCall(Call):
         self.ruri = request_uri(dial_to, self.proxy)
         if not E164.fullmatch(dial_from):
             raise DialError("from: an E.164 number (ASCII digits, optional +)")
-        transport = self.proxy.transport if self.proxy.transport in ("udp", "tcp") else "udp"
-        target = Target(transport, self.proxy.host, self.proxy.port or 5060)
+        transport = self.proxy.transport if self.proxy.transport in ("udp", "tcp", "tls") else "udp"
+        target = Target(transport, self.proxy.host, self.proxy.port or (5061 if transport == "tls" else 5060))
         super().__init__(ua, Request("INVITE", self.ruri), None, target, **info)  # type: ignore[arg-type]
         self.direction = "outbound"
         self.call_id = f"{uuid.uuid4().hex}@{ua.media_host}"

@@ -14,7 +14,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
-from .. import log
+from .. import log, tls
 from ..adapters.clock import MediaClock
 from ..adapters.ports import PortAllocator, PortsExhausted
 from ..adapters.rtp_session import RtpSession
@@ -95,7 +95,9 @@ class UserAgent:
     async def start(self) -> None:
         self.transport = SipTransport(self.stack, self._drain_events, self.config.sip, self.trusted_source)
         sip = self.config.sip
-        await self.transport.start(sip.host, sip.port, sip.transports)
+        tls_server = tls.server_context(sip.tls_cert, sip.tls_key) if "tls" in sip.transports else None
+        await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,
+                                   tls.client_context(sip.tls_ca))
 
     def close(self) -> None:
         for call in list(self.calls.values()):
@@ -112,7 +114,7 @@ class UserAgent:
         host, port = self.stack.local.get(transport, (self.config.sip.host, self.config.sip.port))
         host = self.config.sip.public_host or host
         h = f"[{host}]" if ":" in host else host
-        suffix = ";transport=tcp" if transport == "tcp" else ""
+        suffix = f";transport={transport}" if transport in ("tcp", "tls") else ""
         return f"<sip:gateway@{h}:{port}{suffix}>"
 
     # -- sending
@@ -145,8 +147,8 @@ class UserAgent:
         target = call.dialog.destination()
         if not _is_ip(target.host):
             target = Target(target.transport, call.source.host, call.source.port)
-        if target.transport == call.source.transport == "tcp":
-            target = Target("tcp", target.host, target.port, call.source.conn)
+        if target.transport == call.source.transport and call.source.reliable:  # the caller's TCP/TLS connection
+            target = Target(target.transport, target.host, target.port, call.source.conn)
         return target
 
     def send_in_dialog(self, call: Call, request: Request, on_final: Callable[[Response | None], None] | None = None) -> None:

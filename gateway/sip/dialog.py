@@ -101,8 +101,8 @@ class Dialog:
             first = NameAddr.parse(self.route_set[0]).uri
             if "lr" in first.params:
                 uri = first
-        transport = uri.params.get("transport") or self.transport
-        return Target(transport.lower(), uri.host, uri.port or 5060, conn)
+        transport = (uri.params.get("transport") or self.transport).lower()
+        return Target(transport, uri.host, uri.port or (5061 if transport == "tls" else 5060), conn)
 
 
 def _strip_tag(addr: NameAddr) -> str:

@@ -25,9 +25,9 @@ MAGIC = "z9hG4bK"
 
 @dataclass(frozen=True)
 class Target:
-    """Where a message goes or came from. `conn` names a stream connection (TCP) to reuse."""
+    """Where a message goes or came from. `conn` names a stream connection (TCP, TLS) to reuse."""
 
-    transport: str  # "udp" or "tcp"
+    transport: str  # "udp", "tcp" or "tls"
     host: str
     port: int
     conn: int | None = None

@@ -14,10 +14,11 @@ MODULES = ["g711.so", "aufile.so", "aubridge.so", "sndfile.so", "account.so", "m
 
 
 class Baresip:
-    def __init__(self, workdir: Path, source_wav: Path, record: bool = True) -> None:
+    def __init__(self, workdir: Path, source_wav: Path, record: bool = True, ca_file: Path | None = None) -> None:
+        """`ca_file`: the CA (or self-signed certificate) baresip trusts for SIP over TLS."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.sip_port = free_port()
+        self.sip_port = free_port(count=2)  # baresip's TLS transport listens on the next port
         self.ctrl_port = free_port()
         self.rec_dir = workdir / "rec"
         self.rec_dir.mkdir(exist_ok=True)
@@ -38,6 +39,7 @@ class Baresip:
             f"ctrl_tcp_listen 127.0.0.1:{self.ctrl_port}",
             f"snd_path {self.rec_dir}",
             "rtp_timeout 0",
+            *([f"sip_cafile {ca_file}"] if ca_file else []),
             "",
         ]))
         (workdir / "accounts").write_text("<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU/8000/1\n")

@@ -1,0 +1,101 @@
+"""SIP over TLS (issue 13, part 1): baresip, a real softphone, calls the echo DID over TLS (the gateway's
+self-signed certificate as its CA) and hears itself; the CDR says tls. Plain text, an old TLS version or a
+stalled handshake on the TLS port are refused, logged once per source, and the worker goes on."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, tls_files, wait_until
+from tests.integration.baresip import Baresip
+from tests.integration.test_baresip import dominant_frequency, tone_wav
+from tests.integration.test_https import refused_old_tls
+
+pytestmark = pytest.mark.timeout(90)
+OPTIONS = (b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bK-tls-%d\r\n"
+           b"From: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:gw@127.0.0.1>\r\nCall-ID: tls-%d\r\nCSeq: 1 OPTIONS\r\n"
+           b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+
+
+class Tls:
+    def __init__(self, gw: Gateway, port: int, cert: Path) -> None:
+        self.gw, self.port, self.cert = gw, port, cert
+
+    def options(self, n: int, close_notify: bool = False) -> bytes:
+        """An OPTIONS over a fresh TLS connection that verifies the gateway's certificate; the answer.
+        `close_notify`: end the session properly (a TLS close_notify alert) before closing."""
+        ctx = ssl.create_default_context(cafile=str(self.cert))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(OPTIONS % (n, n))
+                answer = s.recv(4096)
+                if close_notify:
+                    s.unwrap()
+                return answer
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
+    tmp = tmp_path_factory.mktemp("siptls")
+    cert, key = tls_files(tmp)
+    port = free_port()
+    gw = start_gateway(tmp, make_test_config(), {"GATEWAY_SIP_TRANSPORTS": '["udp", "tcp", "tls"]',
+                                                 "GATEWAY_SIP_TLS_PORT": str(port), "GATEWAY_SIP_TLS_CERT": str(cert),
+                                                 "GATEWAY_SIP_TLS_KEY": str(key)})
+    try:
+        yield Tls(gw, port, cert)
+    finally:
+        stop_gateway(gw)
+
+
+def test_baresip_calls_the_echo_did_over_tls_and_hears_itself(tls_gateway: Tls, tmp_path: Path) -> None:
+    src = tmp_path / "tone.wav"
+    tone_wav(src, 1000.0, 30.0)
+    phone = Baresip(tmp_path / "baresip", src, ca_file=tls_gateway.cert)
+    try:
+        phone.command("dial", f"sip:15550100001@127.0.0.1:{tls_gateway.port};transport=tls")
+        phone.wait_event("CALL_ESTABLISHED", 20)
+        time.sleep(3)  # the scenario itself: talk for 3 s
+        phone.command("hangup")
+        phone.wait_event("CALL_CLOSED")
+    finally:
+        phone.close()
+    row = tls_gateway.gw.wait_calls_ended(1)[0]
+    assert row["reason"] == "remote_bye" and row["answered_at"], row
+    initiated = tls_gateway.gw.cdr(row["voice_id"])["events"][0]
+    assert initiated["state"] == "initiated" and initiated["transport"] == "tls", initiated
+    recorded = [p for p in (tmp_path / "baresip" / "rec").glob("*.wav") if "dec" in p.name]
+    freq, rms = dominant_frequency(recorded[0])
+    assert abs(freq - 1000) < 20 and rms > 1000, (freq, rms)
+
+
+def test_plain_text_old_tls_and_stalled_handshakes_are_refused_once_per_source(tls_gateway: Tls) -> None:
+    gw = tls_gateway.gw
+    assert tls_gateway.options(1, close_notify=True).startswith(b"SIP/2.0 200"), "an OPTIONS over TLS"
+    assert tls_gateway.options(5).startswith(b"SIP/2.0 200"), "a session ended by close_notify hangs nothing"
+    for _ in range(3):  # plain SIP on the TLS port: closed, no answer
+        with socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=5) as s:
+            s.sendall(OPTIONS % (2, 2))
+            answer = s.recv(4096)
+        assert not answer.startswith(b"SIP/2.0"), answer
+    refused_old_tls(tls_gateway.port)
+    lines = wait_until(lambda: [ln for ln in gw.log().splitlines() if '"sip.tls_refused"' in ln], 10,
+                       "the refusal in the log")
+    assert len(lines) == 1 and '"source": "127.0.0.1"' in lines[0], lines  # once per source per window
+    stalled = socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=10)  # says nothing at all
+    try:
+        assert stalled.recv(1) == b""  # closed by the first-message deadline, not kept open
+    finally:
+        stalled.close()
+    assert tls_gateway.options(3).startswith(b"SIP/2.0 200"), "the TLS listener goes on"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:  # and so does the rest of the worker
+        udp.settimeout(5)
+        udp.sendto((OPTIONS % (4, 4)).replace(b"SIP/2.0/TLS", b"SIP/2.0/UDP").replace(b";branch", b";rport;branch"),
+                   ("127.0.0.1", gw.sip_port))  # rport: the answer comes back to this socket
+        assert udp.recv(4096).startswith(b"SIP/2.0 200")
