@@ -460,8 +460,17 @@ def _validate(c: Config) -> None:
     if "tls" in c.sip.transports and not (c.sip.tls_cert and c.sip.tls_key):
         raise ConfigError("sip.transports has tls: sip.tls_cert and sip.tls_key are needed")
     _check_tls(c.sip.tls_cert, c.sip.tls_key, "sip")
-    if c.sip.tls_ca and not os.access(c.sip.tls_ca, os.R_OK):
-        raise ConfigError(f"sip.tls_ca: cannot read {c.sip.tls_ca}")
+    if "tls" in c.sip.transports and "tcp" in c.sip.transports and c.sip.tls_port == c.sip.port and c.sip.port:
+        raise ConfigError("sip.tls_port: must differ from sip.port (TCP listens there)")
+    if c.sip.tls_ca:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=c.sip.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"sip.tls_ca: {exc}") from None
+    for i, t in enumerate(c.trunks):  # a trunk reached over TLS needs our TLS listener: its Contact is there
+        uris = [t.outbound.proxy if t.outbound else "", t.register.registrar if t.register else ""]
+        if any(u.startswith("sips:") or "transport=tls" in u.lower() for u in uris) and "tls" not in c.sip.transports:
+            raise ConfigError(f"trunks[{i}]: reached over TLS, so sip.transports needs tls (and sip.tls_cert/tls_key)")
     for key in ("host", "public_host"):
         value = getattr(c.sip, key)
         if value:

@@ -25,12 +25,14 @@ from typing import Any
 HSTS = "max-age=31536000"  # a year: browsers keep to HTTPS for this host once they saw it over HTTPS
 
 
-def server_context(cert: str, key: str) -> ssl.SSLContext:
-    """A listener's context: TLS 1.2+, the operator's chain and key."""
+def server_context(cert: str, key: str, http: bool = True) -> ssl.SSLContext:
+    """A listener's context: TLS 1.2+, the operator's chain and key, no renegotiation; ALPN http/1.1 for HTTP."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["http/1.1"])
+    if http:
+        ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 

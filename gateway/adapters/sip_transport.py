@@ -20,6 +20,7 @@ import itertools
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from .. import log
 from ..config import SipConfig
@@ -46,14 +47,14 @@ class SipTransport:
         self.tls_server: asyncio.Server | None = None
         self.tls_client: ssl.SSLContext | None = None
         self.tls_context: ssl.SSLContext | None = None
-        self.tls_refused = 0  # TLS handshakes that failed, since start (metrics)
+        self.tls_refused = 0  # TLS handshakes that failed (plain text, old versions, no common cipher), since start
         self.connections: dict[int, _TcpConnection] = {}
-        self.by_peer: dict[tuple[str, int], int] = {}
+        self.by_peer: dict[tuple[str, str, int], int] = {}  # (transport, host, port) -> connection
         self.per_source: dict[str, int] = {}  # untrusted inbound TCP connections by source key
         self._conn_ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._pending_connect: dict[tuple[str, int], list[bytes]] = {}
+        self._pending_connect: dict[tuple[str, str, int], list[bytes]] = {}
         rate = self.config.rate_limit_per_source
         self.limiter = SourceLimiter(rate, self.config.rate_limit_burst, log_window=LOG_WINDOW) if rate > 0 else None
         self._refusals = LogThrottle(LOG_WINDOW)
@@ -139,28 +140,31 @@ class SipTransport:
             if self.udp is not None:
                 self.udp.sendto(out.data, (target.host, target.port))
             return
-        conn_id = target.conn if target.conn in self.connections else self.by_peer.get((target.host, target.port))
-        if conn_id is not None and conn_id in self.connections:
+        key = (target.transport, target.host, target.port)
+        conn_id = target.conn if target.conn in self.connections else self.by_peer.get(key)
+        if conn_id is not None and conn_id in self.connections and self.connections[conn_id].name == target.transport:
             self.connections[conn_id].send(out.data)
             return
-        key = (target.host, target.port)
         if key in self._pending_connect:
             self._pending_connect[key].append(out.data)
             return
         self._pending_connect[key] = [out.data]
-        self.loop.create_task(self._connect(key, target.transport))
+        self.loop.create_task(self._connect(key, target.name))
 
-    async def _connect(self, key: tuple[str, int], transport: str) -> None:
-        # TLS: the peer's certificate verified against the system's CAs and sip.tls_ca, for the name (or the
-        # address: IP subjectAltNames) we connect to
-        context = (self.tls_client or ssl.create_default_context()) if transport == "tls" else None
+    async def _connect(self, key: tuple[str, str, int], name: str | None) -> None:
+        # TLS: the peer's certificate verified against the system's CAs and sip.tls_ca, for the name the address
+        # was resolved from (a proxy's), else for the address itself (IP subjectAltNames)
+        transport, host, port = key
+        secure: dict[str, Any] = {}
+        if transport == "tls":
+            secure = {"ssl": self.tls_client or ssl.create_default_context(), "server_hostname": name or host}
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _TcpConnection(self, outbound=True, name=transport), key[0],
-                                            key[1], ssl=context), 5.0)
+                self.loop.create_connection(lambda: _TcpConnection(self, outbound=True, name=transport), host, port,
+                                            **secure), 5.0)
         except (TimeoutError, OSError) as exc:  # ssl.SSLError (a certificate refused) is an OSError
-            log.event(logger, "sip.tcp_connect_failed", logging.WARNING, peer=f"{key[0]}:{key[1]}",
-                      transport=transport, error=str(exc))
+            log.event(logger, "sip.tcp_connect_failed", logging.WARNING, peer=f"{host}:{port}", transport=transport,
+                      server_name=name or "", error=str(exc))
             self._pending_connect.pop(key, None)
             return
         for data in self._pending_connect.pop(key, []):
@@ -190,12 +194,12 @@ class SipTransport:
         if conn.key:
             self.per_source[conn.key] = self.per_source.get(conn.key, 0) + 1
         self.connections[conn.id] = conn
-        self.by_peer[conn.peer] = conn.id
+        self.by_peer[(conn.name, *conn.peer)] = conn.id
         return True
 
     def refused_tls(self, conn: _TcpConnection, exc: BaseException) -> None:
-        """A handshake that failed (plain text, an old TLS version, no shared cipher, a stalled peer): one line
-        per source per LOG_WINDOW."""
+        """A handshake that failed (plain text, an old TLS version, no shared cipher): one line per source per
+        LOG_WINDOW. A peer that says nothing is closed by the first-message deadline."""
         self.tls_refused += 1
         key = conn.key or source_key(conn.peer[0])
         count = self._refusals.due(f"tls:{key}", self.loop.time())
@@ -207,8 +211,8 @@ class SipTransport:
     def _closed(self, conn: _TcpConnection) -> None:
         if self.connections.pop(conn.id, None) is None:
             return
-        if self.by_peer.get(conn.peer) == conn.id:
-            del self.by_peer[conn.peer]
+        if self.by_peer.get((conn.name, *conn.peer)) == conn.id:
+            del self.by_peer[(conn.name, *conn.peer)]
         if conn.key:
             left = self.per_source.get(conn.key, 1) - 1
             if left > 0:
@@ -261,6 +265,9 @@ class _TcpConnection(asyncio.Protocol):
         cfg = self.owner.config
         self._last_message = self.owner.loop.time()
         if self.name == "tls" and not self.outbound:  # accepted in plain TCP: TLS in memory, on this connection
+            if not self.owner.admit(self.peer[0], "tls"):  # a handshake costs a signature: a token of the source's
+                self.transport.abort()
+                return
             context = self.owner.tls_context
             assert context is not None
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -274,9 +281,12 @@ class _TcpConnection(asyncio.Protocol):
         if self._tls is None:
             self.transport.write(data)
             return
+        if not self._secured:  # nothing of ours goes before the handshake (and write() would try to run it)
+            log.event(logger, "sip.tls_not_ready", logging.DEBUG, peer=f"{self.peer[0]}:{self.peer[1]}")
+            return
         try:
             self._tls.write(data)
-        except ssl.SSLError:  # the session is closing
+        except ssl.SSLError:  # the session is closing (the peer's close_notify came)
             return
         self._flush()
 
@@ -320,10 +330,12 @@ class _TcpConnection(asyncio.Protocol):
             return b"".join(chunks)
         except ssl.SSLError as exc:
             self._flush()  # our alert, if any
+            self.transport.close()
             if not self._secured:
                 self.owner.refused_tls(self, exc)
-            self.transport.close()
-            return None
+                return None
+            log.event(logger, "sip.tls_error", logging.DEBUG, peer=f"{self.peer[0]}:{self.peer[1]}", error=str(exc))
+            return b"".join(chunks)  # what was whole before the bad record
 
     def _arm(self, delay: float) -> None:
         if self._deadline:
@@ -343,7 +355,7 @@ class _TcpConnection(asyncio.Protocol):
         else:
             reason = "no_first_message"
         log.event(logger, "sip.tcp_closed", logging.DEBUG, peer=f"{self.peer[0]}:{self.peer[1]}", reason=reason)
-        self.transport.close()
+        self.transport.abort()  # not close(): a peer that stops reading would keep its slot while our buffer waits
 
     def data_received(self, data: bytes) -> None:
         if not self._open:

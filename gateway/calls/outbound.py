@@ -167,7 +167,8 @@ class OutboundCall(Call):
         if not _is_ip(self.source.host):
             try:
                 infos = await asyncio.get_running_loop().getaddrinfo(self.source.host, self.source.port)
-                self.source = Target(self.source.transport, str(infos[0][4][0]), self.source.port)
+                self.source = Target(self.source.transport, str(infos[0][4][0]), self.source.port,
+                                     name=self.source.host)
             except OSError as exc:
                 self._fail(503, "trunk unresolvable", error=str(exc))
                 return False

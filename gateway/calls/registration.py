@@ -69,15 +69,17 @@ class Registration:
             self._task.cancel()
 
     async def _target(self) -> Target:
-        transport = self.registrar.transport if self.registrar.transport in ("udp", "tcp") else "udp"
-        host = self.registrar.host
+        transport = self.registrar.transport if self.registrar.transport in ("udp", "tcp", "tls") else "udp"
+        if self.registrar.scheme == "sips":
+            transport = "tls"
+        host = name = self.registrar.host
         try:
             ipaddress.ip_address(host)
         except ValueError:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=0, type=0)
             host = str(infos[0][4][0])
         self.ua.trusted_sources[host] = self.trunk
-        return Target(transport, host, self.registrar.port or 5060)
+        return Target(transport, host, self.registrar.port or (5061 if transport == "tls" else 5060), name=name)
 
     def _request(self, target: Target, authorization: tuple[str, str] | None) -> Request:
         self.cseq += 1

@@ -95,7 +95,7 @@ class UserAgent:
     async def start(self) -> None:
         self.transport = SipTransport(self.stack, self._drain_events, self.config.sip, self.trusted_source)
         sip = self.config.sip
-        tls_server = tls.server_context(sip.tls_cert, sip.tls_key) if "tls" in sip.transports else None
+        tls_server = tls.server_context(sip.tls_cert, sip.tls_key, http=False) if "tls" in sip.transports else None
         await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,
                                    tls.client_context(sip.tls_ca))
 

@@ -31,6 +31,7 @@ class Target:
     host: str
     port: int
     conn: int | None = None
+    name: str | None = None  # the name `host` was resolved from (a proxy's): what a TLS certificate must match
 
     @property
     def reliable(self) -> bool:

@@ -14,8 +14,10 @@ MODULES = ["g711.so", "aufile.so", "aubridge.so", "sndfile.so", "account.so", "m
 
 
 class Baresip:
-    def __init__(self, workdir: Path, source_wav: Path, record: bool = True, ca_file: Path | None = None) -> None:
-        """`ca_file`: the CA (or self-signed certificate) baresip trusts for SIP over TLS."""
+    def __init__(self, workdir: Path, source_wav: Path, record: bool = True, ca_file: Path | None = None,
+                 certificate: Path | None = None, answer: bool = False, user: str = "caller") -> None:
+        """`ca_file`: the CA (or self-signed certificate) baresip trusts for SIP over TLS; `certificate`: its own
+        (certificate and key in one PEM) for the TLS listener, on `tls_port`; `answer`: answer calls by itself."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sip_port = free_port(count=2)  # baresip's TLS transport listens on the next port
@@ -40,9 +42,12 @@ class Baresip:
             f"snd_path {self.rec_dir}",
             "rtp_timeout 0",
             *([f"sip_cafile {ca_file}"] if ca_file else []),
+            *([f"sip_certificate {certificate}"] if certificate else []),
             "",
         ]))
-        (workdir / "accounts").write_text("<sip:caller@127.0.0.1>;regint=0;audio_codecs=PCMU/8000/1\n")
+        self.tls_port = self.sip_port + 1
+        answering = ";answermode=auto" if answer else ""
+        (workdir / "accounts").write_text(f"<sip:{user}@127.0.0.1>;regint=0;audio_codecs=PCMU/8000/1{answering}\n")
         (workdir / "contacts").write_text("")
         self.log = (workdir / "baresip.log").open("wb")
         self.proc = subprocess.Popen(["baresip", "-f", str(workdir)], stdout=self.log, stderr=subprocess.STDOUT,

@@ -14,8 +14,10 @@ import pytest
 
 from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, tls_files, wait_until
 from tests.integration.baresip import Baresip
+from tests.integration.chaos_tools import ACME_NUMBER
 from tests.integration.test_baresip import dominant_frequency, tone_wav
 from tests.integration.test_https import refused_old_tls
+from tests.integration.voice_tools import VoiceClient, cli
 
 pytestmark = pytest.mark.timeout(90)
 OPTIONS = (b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bK-tls-%d\r\n"
@@ -99,3 +101,51 @@ def test_plain_text_old_tls_and_stalled_handshakes_are_refused_once_per_source(t
         udp.sendto((OPTIONS % (4, 4)).replace(b"SIP/2.0/TLS", b"SIP/2.0/UDP").replace(b";branch", b";rport;branch"),
                    ("127.0.0.1", gw.sip_port))  # rport: the answer comes back to this socket
         assert udp.recv(4096).startswith(b"SIP/2.0 200")
+
+
+def test_a_dial_out_over_tls_reaches_baresip_verified_and_joins_a_room(tmp_path: Path) -> None:
+    """The far phone (baresip, answering by itself) listens for TLS with its own certificate; the trunk's proxy
+    says transport=tls and sip.tls_ca trusts that certificate: the call is answered and joins the room. With a
+    CA that does not, the connection is refused on the certificate and said in the log."""
+    far_cert, far_key = tls_files(tmp_path / "far")
+    both = tmp_path / "far" / "baresip.pem"
+    both.write_bytes(far_cert.read_bytes() + far_key.read_bytes())
+    src = tmp_path / "tone.wav"
+    tone_wav(src, 700.0, 60.0)
+    phone = Baresip(tmp_path / "baresip", src, record=False, certificate=both, answer=True, user="15551230001")
+    trunk = f"""
+[[trunks]]
+name = "carrier"
+sources = []
+[trunks.outbound]
+proxy = "sip:127.0.0.1:{phone.tls_port};transport=tls"
+"""
+    cert, key = tls_files(tmp_path)
+    env = {"GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(free_port()),
+           "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key)}
+    try:
+        for trusted, home in ((far_cert, "trusting"), (cert, "untrusting")):  # the far phone's, then another one
+            (tmp_path / home).mkdir()
+            gw = start_gateway(tmp_path / home, make_test_config(trunk),
+                               {**env, "GATEWAY_SIP_TLS_CA": str(trusted)})
+            try:
+                acme = cli(gw.data_dir, "projects", "create", "--name", "acme", "--number", ACME_NUMBER)
+                room = cli(gw.data_dir, "rooms", "create", "--name", "Board", "--project", "acme")
+                status, body, _ = VoiceClient(gw, acme["app_id"], acme["app_key"])(
+                    "POST", f"/voice/v1/room/{room['room_id']}/join", {"from": ACME_NUMBER, "to": "15551230001"})
+                assert status == 200, body
+                if trusted is far_cert:
+                    phone.wait_event("CALL_ESTABLISHED", 20)
+                    joined = wait_until(lambda gw=gw, vid=body["voice_id"]: [  # type: ignore[misc]
+                        e for e in gw.cdr(vid)["events"] if e["state"] == "joined"], 30, "the dial-out in the room")
+                    assert joined
+                    phone.command("hangup")
+                    phone.wait_event("CALL_CLOSED")
+                else:
+                    line = wait_until(lambda gw=gw: [ln for ln in gw.log().splitlines()  # type: ignore[misc]
+                                                     if '"sip.tcp_connect_failed"' in ln], 10, "the refusal")[0]
+                    assert '"transport": "tls"' in line and "certificate verify failed" in line, line
+            finally:
+                stop_gateway(gw)
+    finally:
+        phone.close()

@@ -50,7 +50,7 @@ def exchange(sock: socket.socket, gw: Gateway, data: bytes, wait: float) -> list
     """Final status codes received (read from the status line: a 400 may echo the malformed headers)."""
     call_id = re.search(rb"(?im)^(?:call-id|i)\s*:\s*(\S+)", data)
     sock.sendto(data, ("127.0.0.1", gw.sip_port))
-    replies = []
+    replies, seen = [], set()
     sock.settimeout(wait)
     try:
         while True:
@@ -58,6 +58,9 @@ def exchange(sock: socket.socket, gw: Gateway, data: bytes, wait: float) -> list
             m = re.match(rb"SIP/2\.0 (\d{3}) ", reply)
             if call_id and call_id.group(1) not in reply:
                 continue  # a retransmission of an earlier answer (INVITE rejections repeat until ACK)
+            if reply in seen:
+                continue  # this answer's own retransmission (byte for byte), queued while this thread waited
+            seen.add(reply)
             if m and int(m.group(1)) >= 200:
                 replies.append(int(m.group(1)))
                 sock.settimeout(0.2)

@@ -102,17 +102,20 @@ def cli(data: Path, *args: str, env: dict[str, str] | None = None) -> Any:
 
 class VoiceClient:
     def __init__(self, gw: Gateway, app_id: str, app_key: str) -> None:
+        """`gw`: a test Gateway, or anything with the worker's `http_port` (a worker of a cluster: plain HTTP)."""
         self.gw, self.app_id, self.app_key = gw, app_id, app_key
+        self.base = getattr(gw, "api_url", f"http://127.0.0.1:{gw.http_port}")
+        self.tls = getattr(gw, "tls", None)
 
     def __call__(self, method: str, path: str, body: Any = None, auth: str | None = "") -> tuple[int, Any, dict[str, str]]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.gw.http_port}{path}", method=method,
+        req = urllib.request.Request(f"{self.base}{path}", method=method,
                                      data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         creds = f"{self.app_id}:{self.app_key}" if auth == "" else auth
         if creds is not None:
             req.add_header("Authorization", "Basic " + base64.b64encode(creds.encode()).decode())
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=30, context=self.tls) as r:
                 return r.status, json.loads(r.read()), dict(r.headers)
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
