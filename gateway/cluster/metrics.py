@@ -45,6 +45,14 @@ class _Live(Collector):
         yield active
         yield GaugeMetricFamily("gateway_rtp_jitter_max_seconds", "Largest interarrival jitter among calls in progress",
                                 value=jitter / 1000)
+        transport = m.ua.transport
+        if transport is not None:
+            connections = CounterMetricFamily(
+                "gateway_sip_connections_refused", "SIP TCP/TLS connections refused, by reason: caps (too many, in all "
+                "or from one source), tls_handshake (plain text, an old version, no common cipher)", labels=["reason"])
+            connections.add_metric(["caps"], transport.refused_connections)
+            connections.add_metric(["tls_handshake"], transport.tls_refused)
+            yield connections
         refused = CounterMetricFamily("gateway_calls_refused", "INVITEs refused at admission by reason",
                                       labels=["reason"])
         for reason, count in sorted(m.ua.refused.items()):

@@ -289,13 +289,14 @@ def far_phones(port: int, count: int, tmp: Path, timeout_s: int = 300, tag: str 
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log
 
 
-def trunk_config(uas_port: int) -> str:
+def trunk_config(uas_port: int, params: str = "") -> str:
+    """A trunk "carrier" whose outbound proxy is the far phone at `uas_port` (`params`: e.g. ";transport=tls")."""
     return f"""
 [[trunks]]
 name = "carrier"
 sources = []
 [trunks.outbound]
-proxy = "sip:127.0.0.1:{uas_port}"
+proxy = "sip:127.0.0.1:{uas_port}{params}"
 """
 
 

@@ -4,9 +4,11 @@ stalled handshake on the TLS port are refused, logged once per source, and the w
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, tls_files, wait_until
 from tests.integration.baresip import Baresip
-from tests.integration.chaos_tools import ACME_NUMBER
+from tests.integration.chaos_tools import ACME_NUMBER, trunk_config
 from tests.integration.test_baresip import dominant_frequency, tone_wav
 from tests.integration.test_https import refused_old_tls
 from tests.integration.voice_tools import VoiceClient, cli
@@ -90,6 +92,9 @@ def test_plain_text_old_tls_and_stalled_handshakes_are_refused_once_per_source(t
     lines = wait_until(lambda: [ln for ln in gw.log().splitlines() if '"sip.tls_refused"' in ln], 10,
                        "the refusal in the log")
     assert len(lines) == 1 and '"source": "127.0.0.1"' in lines[0], lines  # once per source per window
+    with urllib.request.urlopen(f"{gw.api_url}/metrics", timeout=5) as r:  # but every one is counted
+        counted = re.search(r'gateway_sip_connections_refused_total\{reason="tls_handshake"\} (\d+)', r.read().decode())
+    assert counted and int(counted.group(1)) >= 4, counted
     stalled = socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=10)  # says nothing at all
     try:
         assert stalled.recv(1) == b""  # closed by the first-message deadline, not kept open
@@ -113,13 +118,7 @@ def test_a_dial_out_over_tls_reaches_baresip_verified_and_joins_a_room(tmp_path:
     src = tmp_path / "tone.wav"
     tone_wav(src, 700.0, 60.0)
     phone = Baresip(tmp_path / "baresip", src, record=False, certificate=both, answer=True, user="15551230001")
-    trunk = f"""
-[[trunks]]
-name = "carrier"
-sources = []
-[trunks.outbound]
-proxy = "sip:127.0.0.1:{phone.tls_port};transport=tls"
-"""
+    trunk = trunk_config(phone.tls_port, ";transport=tls")
     cert, key = tls_files(tmp_path)
     env = {"GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(free_port()),
            "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key)}
