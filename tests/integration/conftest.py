@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.cluster.janus import JanusProcess
 from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, wait_until
 from tests.integration.browser import Browser, tone_wav
 from tests.integration.netns import network_namespace
 
 JANUS_RTP = (61000, 61999)  # outside free_port()'s range, the gateway's RTP ports and the ephemeral ports
+
+
+@pytest.fixture
+async def janus(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[JanusProcess]:
+    """A Janus of our own (the managed config, ports of this test's): every log record kept for the checks."""
+    from tests.integration.test_janus import janus_config
+
+    caplog.set_level(logging.DEBUG)
+    proc = JanusProcess(janus_config(tmp_path), ready_timeout=15)
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+@pytest.fixture
+async def service(janus: JanusProcess) -> AsyncIterator[Any]:
+    """The room service in this process, on `janus`; one more allowed page origin (the Origin tests use it)."""
+    from tests.integration.test_room_phones import Service
+
+    janus.config.room_service.allowed_origins = ["https://meet.example.com"]
+    s = Service(janus.config)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
 
 
 @pytest.fixture

@@ -45,17 +45,6 @@ def janus_config(tmp: Path) -> Config:
 
 
 @pytest.fixture
-async def janus(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[JanusProcess]:
-    caplog.set_level(logging.DEBUG, logger="gateway")
-    proc = JanusProcess(janus_config(tmp_path), ready_timeout=15)
-    await proc.start()
-    try:
-        yield proc
-    finally:
-        await proc.stop()
-
-
-@pytest.fixture
 async def client(janus: JanusProcess) -> AsyncIterator[JanusClient]:
     async with JanusClient(janus.url, janus.secrets.api_secret, timeout=5) as c:
         yield c

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -173,27 +172,6 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float) -> Non
     async with asyncio.timeout(timeout):
         while not await predicate():
             await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def janus(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[JanusProcess]:
-    caplog.set_level(logging.DEBUG, logger="gateway")
-    proc = JanusProcess(janus_config(tmp_path))
-    await proc.start()
-    try:
-        yield proc
-    finally:
-        await proc.stop()
-
-
-@pytest.fixture
-async def service(janus: JanusProcess) -> AsyncIterator[Service]:
-    s = Service(janus.config)
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 @pytest.fixture

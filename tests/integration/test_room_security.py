@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -40,34 +39,11 @@ from tests.conftest import (
     stop_process,
     wait_until,
 )
-from tests.integration.test_janus import janus_config
 from tests.integration.test_room_phones import FakeWorker, Service, until
 
 pytestmark = pytest.mark.timeout(90)
 Message = dict[str, Any]
 EVIL = "https://evil.example"
-
-
-@pytest.fixture
-async def janus(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator[JanusProcess]:
-    caplog.set_level(logging.DEBUG)
-    proc = JanusProcess(janus_config(tmp_path))
-    await proc.start()
-    try:
-        yield proc
-    finally:
-        await proc.stop()
-
-
-@pytest.fixture
-async def service(janus: JanusProcess) -> AsyncIterator[Service]:
-    janus.config.room_service.allowed_origins = ["https://meet.example.com"]
-    s = Service(janus.config)
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 @pytest.fixture

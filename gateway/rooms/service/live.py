@@ -207,10 +207,14 @@ class LiveRooms:
     async def delete(self, room_id: str) -> None:
         """The room was deleted: `room_closed` to everyone, then its Janus rooms are destroyed."""
         room = self.rooms.get(room_id)
-        if room is None:
-            return
+        if room is not None:
+            await self._empty(room, {"type": "room_closed"})
+
+    async def _empty(self, room: Room, farewell: dict[str, Any] | None) -> None:
+        """Everyone out of `room` (told `farewell` first, if any), its sockets drained, its Janus rooms destroyed."""
         async with room.lock:
-            room.broadcast({"type": "room_closed"})
+            if farewell is not None:
+                room.broadcast(farewell)
             leaving = list(room.participants.values())
             room.participants.clear()
             for p in leaving:
@@ -408,15 +412,7 @@ class LiveRooms:
     async def close(self) -> None:
         """Shutdown: everyone out, every Janus room destroyed."""
         for room in list(self.rooms.values()):
-            async with room.lock:
-                leaving = list(room.participants.values())
-                room.participants.clear()
-                for p in leaving:
-                    p.close()
-                    if p.peer is not None:
-                        await p.peer.close()
-                await self._release_if_empty(room)
-            await asyncio.gather(*(drain(p) for p in leaving))
+            await self._empty(room, None)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
