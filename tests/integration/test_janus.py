@@ -304,13 +304,19 @@ asyncio.run(main())
 def test_janus_dies_with_its_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, **janus_env(tmp_path)})
+    orphan_dies(parent, "Janus")
+
+
+def orphan_dies(parent: subprocess.Popen[str], what: str) -> None:
+    """`parent` prints its child's PID; SIGKILL the parent (no chance to stop the child itself): the child ends."""
     pid = 0
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())  # bounded by the test timeout
-        parent.kill()  # SIGKILL: no chance to stop Janus itself
+        assert alive(pid)
+        parent.kill()
         parent.wait(5)
-        wait_until(lambda: not alive(pid), 10, "Janus to end after its parent was killed")
+        wait_until(lambda: not alive(pid), 10, f"{what} to end after its parent was killed")
     finally:
         stop_process(parent)
         if pid and alive(pid):
@@ -339,15 +345,4 @@ def test_a_child_that_ignores_sigterm_still_dies_with_its_parent() -> None:
     Janus's preexec_fn asks for SIGKILL, not SIGTERM, when its parent dies: shown with a child that ignores TERM."""
     parent = subprocess.Popen([sys.executable, "-c", STUBBORN_PARENT], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
-    pid = 0
-    try:
-        assert parent.stdout is not None
-        pid = int(parent.stdout.readline())
-        assert alive(pid)
-        parent.kill()
-        parent.wait(5)
-        wait_until(lambda: not alive(pid), 10, "the child to end after its parent was killed")
-    finally:
-        stop_process(parent)
-        if pid and alive(pid):
-            os.kill(pid, signal.SIGKILL)  # our grandchild, by PID
+    orphan_dies(parent, "the child")

@@ -90,7 +90,7 @@ def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, brows
              f'  <nop><action><exec rtp_stream="{tone_then_silence(tmp_path / "caller.ul")},-1,0"/></action></nop>',
              '  <pause milliseconds="60000"/>']
     sf = ivr_scenario(tmp_path, steps, tail=0)
-    thread, _ = run_in_thread(lambda: gw_sipp(gw, sf))
+    thread, _ = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=120))
     ids = {pid(ann): "Ann", pid(bob): "Bob", pid(cat): MARKUP}
     phone = wait_until(lambda: [p for p in ann.participants() if p["kind"] == "phone"], 60, "the phone in the room")[0]
     assert phone["name"].endswith("0000") and "1555123" not in phone["name"], "the caller's number masked"
@@ -157,10 +157,6 @@ def test_a_phone_and_three_browsers_on_every_grid(bridge_gateway: Gateway, brows
         for ws in crowd:
             ws.close()
     thread.join(1)
-
-
-def gw_sipp(gw: Gateway, scenario: Path) -> Any:
-    return run_sipp(gw.sip, "-sf", str(scenario), "-s", IVR_DID, "-m", "1", timeout=120)
 
 
 def test_joining_without_devices_moderation_notices_the_start_page_and_end_screens(bridge_gateway: Gateway,

@@ -509,9 +509,7 @@ class RoomService:
                             headers=security.page_headers(request.host))
 
     def static(self, name: str) -> str:
-        """A file of the page, read once (not on the event loop at each request)."""
-        if name not in self._static:
-            self._static[name] = (STATIC / name).read_text()
+        """A file of the page (read once, at start: not on the event loop at each request)."""
         return self._static[name]
 
     async def favicon(self, request: web.Request) -> web.Response:
