@@ -286,6 +286,9 @@ class OutboundConfig:
     from_domain: str = ""  # host part of From; empty = the proxy's host
 
 
+MEDIA_ENCRYPTION = ("none", "optional", "required")  # a trunk's SRTP rule (gateway.sip.sdp.choose_crypto)
+
+
 @dataclass
 class TrunkConfig:
     name: str = ""
@@ -297,6 +300,7 @@ class TrunkConfig:
     register: RegisterConfig | None = None
     outbound: OutboundConfig | None = None
     trust_id_inbound: bool = False  # the trunk vouches for caller numbers: PIN limits skip its source address
+    media_encryption: str = "none"  # SRTP (SDES): none | optional | required (RTP/SAVP only, plain offers get 488)
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]
@@ -538,6 +542,9 @@ def _validate(c: Config) -> None:
                 raise ConfigError(f"trunks[{i}].sources[{j}]: not an IP address or CIDR: {s!r}") from None
         if bool(t.username) != bool(t.password):
             raise ConfigError(f"trunks[{i}]: username and password go together")
+        if t.media_encryption not in MEDIA_ENCRYPTION:
+            raise ConfigError(f"trunks[{i}].media_encryption: {t.media_encryption!r} is not one of "
+                              f"{', '.join(MEDIA_ENCRYPTION)}")
         for source in t.dtmf:
             if source not in ("rfc4733", "info", "inband"):
                 raise ConfigError(f"trunks[{i}].dtmf: unknown source {source!r} (rfc4733, info, inband)")

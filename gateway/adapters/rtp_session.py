@@ -9,6 +9,11 @@ SDP and the first packets of a short window that signalling opens (`learn`: the 
 or UPDATE that moves the media), then locked; we send to that source. Everything else is dropped and counted
 (`dropped` by reason, the range's `ports.dropped` for the metric), so a stranger spraying the port range
 neither hears the call nor speaks (or types digits) into it.
+
+SRTP (`media.srtp`, keyed by SDES in the SDP): when the negotiated media carries a crypto line, every packet is
+authenticated and decrypted before anything else looks at it (a packet that fails is dropped as "srtp": a
+stranger cannot even latch the source), and every packet we send is protected. Our key (`local_key`) is made
+once per call and goes into our SDP; the peer's comes with its SDP and may change in a re-INVITE (re-keying).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..config import RtpConfig
 from ..media import g711
 from ..media.jitter import JitterBuffer
 from ..media.rtp import RtpError, RtpPacket, is_rtcp
+from ..media.srtp import SrtpContext, SrtpError, new_key
 from ..media.strict_rtp import Address, SourceGuard, normalize
 from ..sip.sdp import MediaParams
 from .clock import MediaClock
@@ -56,9 +62,28 @@ class RtpSession(asyncio.DatagramProtocol):
         self.ts = int.from_bytes(os.urandom(4), "big")
         self.sent = 0
         self.received = 0
-        self.dropped: Counter[str] = Counter()  # by reason: source, ssrc, malformed
+        self.dropped: Counter[str] = Counter()  # by reason: source, ssrc, malformed, srtp
         self._marker = True
         self.closed = False
+        self.local_key = new_key()  # our SRTP master key and salt, offered or answered when the trunk uses SRTP
+        self.srtp: SrtpContext | None = None
+        self.require_srtp = False  # the trunk requires SRTP: nothing is taken before the keys are known
+        self._key(params)
+
+    def _key(self, params: MediaParams) -> None:
+        """(Re)build the SRTP context for `params`: kept when no key changed (libsrtp's counters stay)."""
+        crypto = params.crypto
+        if crypto is None:
+            self.srtp = None
+        elif self.srtp is None or not self.srtp.same(crypto.suite, self.local_key, crypto.key):
+            rekey = self.srtp is not None
+            self.srtp = SrtpContext(crypto.suite, self.local_key, crypto.key)
+            if rekey:
+                log.event(logger, "rtp.srtp_rekeyed", logging.INFO, port=self.port, suite=crypto.suite)
+
+    @property
+    def encryption(self) -> str:
+        return "srtp" if self.srtp is not None else "none"
 
     @property
     def silence(self) -> bytes:
@@ -102,6 +127,7 @@ class RtpSession(asyncio.DatagramProtocol):
         (the only way besides the window a new source is accepted); the same address, or none (c=0.0.0.0 hold),
         keeps the lock."""
         self.params = params
+        self._key(params)
         new = normalize(params.remote_host, params.remote_port)
         if new is not None and new != self.guard.expected:
             self.learn(force=True)
@@ -121,6 +147,15 @@ class RtpSession(asyncio.DatagramProtocol):
     # -- network side
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         if is_rtcp(data):
+            return  # RTCP (or SRTCP) is not read
+        if self.srtp is not None:
+            try:
+                data = self.srtp.unprotect(data)
+            except SrtpError:
+                self._drop("srtp", addr)  # not authentic (wrong key, a stranger, tampered) or a replay
+                return
+        elif self.require_srtp:
+            self._drop("srtp", addr)  # before the answer gave us the peer's key
             return
         try:
             packet = RtpPacket.parse(data)
@@ -180,5 +215,6 @@ class RtpSession(asyncio.DatagramProtocol):
         self.seq = (self.seq + 1) & 0xFFFF
         packet = RtpPacket(pt, self.seq, ts, self.ssrc, payload, marker or self._marker)
         self._marker = False
-        self.transport.sendto(packet.serialize(), target)
+        data = packet.serialize()
+        self.transport.sendto(self.srtp.protect(data) if self.srtp is not None else data, target)
         self.sent += 1

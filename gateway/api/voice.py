@@ -293,7 +293,7 @@ class VoiceApi:
         self.dial_limits.placed(project.name)
         self.ua.cdr.open_call(call.voice_id, "outbound", **{"from": from_, "to": to, "trunk": trunk.name,
                               "project": project.name, "room_id": room_id, "name": name, "owner_ref": owner_ref,
-                              "event_url": event_url, "call_id": call.call_id})
+                              "event_url": event_url, "call_id": call.call_id, "transport": call.source.transport})
         log.event(logger, "call.dialling", voice_id=call.voice_id, room_id=room_id, trunk=trunk.name, project=project.name)
         self.ua.on_call_event(call, "initiated", {"room_id": room_id})  # webhooks, metrics, registry
         call.task = asyncio.get_running_loop().create_task(self._run_outbound(call, room_id))

@@ -23,7 +23,7 @@ from ..adapters.rtp_session import RtpSession
 from ..config import Config
 from ..sip.dialog import Dialog
 from ..sip.message import Request, Response, make_response
-from ..sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from ..sip.sdp import SUITES, Crypto, MediaParams, SdpError, SessionDescription, build_sdp, negotiate
 from ..sip.transaction import ServerInviteTransaction, ServerTransaction, SipStack, Target, new_tag
 from ..store.cdr import CdrStore
 
@@ -77,6 +77,7 @@ class SessionTimer:
 
 class Call:
     direction = "inbound"
+    encryption = "none"  # the trunk's media_encryption: none | optional | required (SRTP with SDES)
 
     def __init__(self, ua: CallHost, invite: Request, txn: ServerInviteTransaction | None, source: Target,
                  **info: Any) -> None:
@@ -138,7 +139,8 @@ class Call:
         self.invite_txn = None
         self.answered.set()
         self.record("answered", codec=self.media.params.codec, rtp_port=self.media.port,
-                    remote_rtp=f"{self.media.params.remote_host}:{self.media.params.remote_port}")
+                    remote_rtp=f"{self.media.params.remote_host}:{self.media.params.remote_port}",
+                    **self.media_security())
         self._arm_session_timer()
         try:
             await asyncio.wait_for(self.wait_until(self.confirmed), 64 * 0.5)
@@ -214,7 +216,22 @@ class Call:
     # -- SDP
     def negotiate_offer(self, body: bytes) -> MediaParams:
         offer = SessionDescription.parse(body)
-        return negotiate(offer, tuple(self.ua.config.rtp.codecs))
+        return negotiate(offer, tuple(self.ua.config.rtp.codecs), self.encryption)
+
+    def negotiate_answer(self, body: bytes) -> MediaParams:
+        """The peer's answer to our offer: it must pick one of the crypto lines we offered (when we offered any)."""
+        return negotiate(SessionDescription.parse(body), tuple(self.ua.config.rtp.codecs), self.encryption,
+                         self._sdp_crypto)
+
+    def offer_crypto(self) -> tuple[str, tuple[Crypto, ...]]:
+        """The m= transport and the crypto lines of an offer we make, as the trunk's media_encryption says:
+        required offers RTP/SAVP; optional offers RTP/AVP with crypto lines (best-effort SDES, RFC 4568 s. 5.1.1);
+        none offers plain RTP. One line per suite, tags 1 and 2, our one key."""
+        if self.encryption == "none":
+            return "RTP/AVP", ()
+        assert self.media is not None
+        lines = tuple(Crypto(tag, suite, self.media.local_key) for tag, suite in enumerate(SUITES, 1))
+        return ("RTP/SAVP" if self.encryption == "required" else "RTP/AVP"), lines
 
     def local_sdp(self) -> bytes:
         assert self.media is not None
@@ -222,12 +239,25 @@ class Call:
         if self.invite.body or self._answered_once:
             codecs = [(p.codec, p.payload_type)]
             dtmf = p.dtmf_pt
+            proto = p.proto
+            crypto: tuple[Crypto, ...] = () if p.crypto is None else (
+                Crypto(p.crypto.tag, p.crypto.suite, self.media.local_key),)
         else:  # we make the offer (INVITE without SDP, or a refresh)
             codecs = [(c, 0 if c == "PCMU" else 8) for c in self.ua.config.rtp.codecs]
             dtmf = self.ua.config.rtp.telephone_event_pt
-        body = build_sdp(self.ua.media_host, self.media.port, codecs, dtmf, p.direction,
-                         self._sdp_session, self._sdp_version)
-        return body
+            proto, crypto = self.offer_crypto()
+        self._sdp_crypto = crypto
+        return build_sdp(self.ua.media_host, self.media.port, codecs, dtmf, p.direction,
+                         self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
+
+    def media_security(self) -> dict[str, Any]:
+        """For the CDR and logs: the signalling transport and the media encryption (never a key)."""
+        assert self.media is not None
+        crypto = self.media.params.crypto
+        return {"transport": self.source.transport, "media_encryption": self.media.encryption,
+                **({"srtp_suite": crypto.suite} if crypto is not None else {})}
+
+    _sdp_crypto: tuple[Crypto, ...] = ()  # the crypto lines of the SDP we sent last (an answer must pick one)
 
     _answered_once = False
 
@@ -268,15 +298,15 @@ class Call:
         if self._awaiting_ack_answer and request.body:
             self._awaiting_ack_answer = False
             try:
-                params = SessionDescription.parse(request.body)
-                media = negotiate(params, tuple(self.ua.config.rtp.codecs))
+                media = self.negotiate_answer(request.body)
             except SdpError as exc:
                 self.record("media_failed", logging.WARNING, error=str(exc))
                 self.hangup("bad_sdp_in_ack")
                 return
             assert self.media is not None
             self.media.update(media)
-            self.record("media_updated", codec=media.codec, direction=media.direction)
+            self.record("media_updated", codec=media.codec, direction=media.direction,
+                        media_encryption=media.encryption)
         self._answered_once = True
         self.confirmed.set()
 
@@ -299,7 +329,8 @@ class Call:
                 return
             self.media.update(params)
             self._sdp_version += 1
-            self.record("media_updated", codec=params.codec, direction=params.direction, method=request.method)
+            self.record("media_updated", codec=params.codec, direction=params.direction, method=request.method,
+                        media_encryption=params.encryption)
         elif request.method == "INVITE":
             self._awaiting_ack_answer = True  # offer in our 200, answer in the ACK
         if request.method == "INVITE" or request.body:

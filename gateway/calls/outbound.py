@@ -26,7 +26,7 @@ from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
 from ..sip.dialog import Dialog
 from ..sip.message import Headers, Request, Response, SipUri
-from ..sip.sdp import MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from ..sip.sdp import MediaParams, SdpError, build_sdp
 from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
 from .call import Call, CallHost, SessionTimer
 
@@ -129,6 +129,7 @@ class OutboundCall(Call):
         if via.outbound is None:
             raise DialError(f"trunk {via.name} has no [trunks.outbound] section")
         self.via = via
+        self.encryption = via.media_encryption
         out = via.outbound
         self.proxy = SipUri.parse(out.proxy)
         self.ruri = request_uri(dial_to, self.proxy)
@@ -158,6 +159,7 @@ class OutboundCall(Call):
         params = MediaParams(self.source.host, 0, codec, 0 if codec == "PCMU" else 8, cfg.telephone_event_pt, "sendrecv")
         media = RtpSession(self.ua.clock, self.ua.ports, params, (cfg.jitter_min_ms, cfg.jitter_max_ms),
                            (cfg.strict_learning_ms, cfg.strict_learning_packets))
+        media.require_srtp = self.encryption == "required"
         try:
             await media.open(self.ua.media_host)
         except (OSError, PortsExhausted) as exc:
@@ -183,8 +185,9 @@ class OutboundCall(Call):
         assert self.media is not None
         cfg = self.ua.config.rtp
         codecs = [(c, 0 if c == "PCMU" else 8) for c in cfg.codecs]
+        proto, self._sdp_crypto = self.offer_crypto()
         return build_sdp(self.ua.media_host, self.media.port, codecs, cfg.telephone_event_pt, "sendrecv",
-                         self._sdp_session, self._sdp_version)
+                         self._sdp_session, self._sdp_version, proto=proto, crypto=self._sdp_crypto)
 
     def _send_invite(self, authorization: tuple[str, str] | None) -> None:
         self.cseq += 1
@@ -260,7 +263,7 @@ class OutboundCall(Call):
             return
         self.remote_allow = [a.strip().upper() for v in response.headers.get_all("allow") for a in v.split(",")]
         try:
-            params = negotiate(SessionDescription.parse(response.body), tuple(self.ua.config.rtp.codecs))
+            params = self.negotiate_answer(response.body)
         except SdpError as exc:
             self.answered.set()
             self.record("media_failed", logging.WARNING, error=str(exc))
@@ -273,7 +276,7 @@ class OutboundCall(Call):
         self.answered.set()
         self.confirmed.set()
         self.record("answered", codec=params.codec, rtp_port=self.media.port,
-                    remote_rtp=f"{params.remote_host}:{params.remote_port}")
+                    remote_rtp=f"{params.remote_host}:{params.remote_port}", **self.media_security())
         self._arm_session_timer()
 
     def _ack(self, response: Response) -> None:

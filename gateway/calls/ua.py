@@ -317,9 +317,10 @@ class UserAgent:
             addr = ipaddress.ip_address(host)
         except ValueError:
             return None, 403, ""
-        for trunk in self.config.trunks:
-            if any(addr in net for net in trunk.networks()):
-                return trunk, 0, ""
+        matches = [(net.prefixlen, -i, trunk) for i, trunk in enumerate(self.config.trunks) for net in trunk.networks()
+                   if addr in net]
+        if matches:  # the most specific network wins (a /32 trunk inside a /8 one), then the first listed
+            return max(matches, key=lambda m: m[:2])[2], 0, ""
         if host in self.trusted_sources:
             return self.trusted_sources[host], 0, ""
         users = {t.username: t for t in self.config.trunks if t.username}
@@ -408,6 +409,7 @@ class UserAgent:
         caller = from_.uri.user or from_.uri.host
         call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller,
                     route=did.route)
+        call.encryption = trunk.media_encryption
         self.calls[call.voice_id] = call
         self.calls_started += 1
         call.pending_key = id(txn)
@@ -438,6 +440,7 @@ class UserAgent:
         rtp = self.config.rtp
         media = RtpSession(self.clock, self.ports, params, (rtp.jitter_min_ms, rtp.jitter_max_ms),
                            (rtp.strict_learning_ms, rtp.strict_learning_packets))
+        media.require_srtp = call.encryption == "required"
         try:
             await media.open(self.media_host)
         except (OSError, PortsExhausted) as exc:

@@ -60,8 +60,9 @@ class _Live(Collector):
         yield refused
         dropped = CounterMetricFamily(
             "gateway_rtp_dropped", "RTP packets dropped by strict RTP, by reason: source (not the call's learned "
-            "address+port), ssrc (a source on probation switched SSRC), malformed (not RTP)", labels=["reason"])
-        for reason in ("source", "ssrc", "malformed"):
+            "address+port), ssrc (a source on probation switched SSRC), malformed (not RTP), srtp (failed SRTP "
+            "authentication or replayed, or plain RTP where SRTP is required)", labels=["reason"])
+        for reason in ("source", "ssrc", "malformed", "srtp"):
             dropped.add_metric([reason], m.ua.ports.dropped[reason])
         yield dropped
         n = m.notifier
@@ -104,6 +105,8 @@ class Metrics:
         self.ended = Counter("gateway_calls_ended", "Calls ended by reason", ["reason"], registry=r)
         self.failed = Counter("gateway_calls_failed", "Calls that ended before being answered, by reason",
                               ["reason"], registry=r)
+        self.answered = Counter("gateway_calls_answered", "Calls answered, by signalling transport (udp, tcp, tls) "
+                                "and media encryption (none, srtp)", ["transport", "media_encryption"], registry=r)
         self.dtmf = Counter("gateway_dtmf_digits", "DTMF digits received by source", ["source"], registry=r)
         self.rtp_received = Counter("gateway_rtp_packets_received", "RTP packets received (ended calls)", registry=r)
         self.rtp_lost = Counter("gateway_rtp_packets_lost", "RTP frames lost (ended calls)", registry=r)
@@ -117,6 +120,8 @@ class Metrics:
     def on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
         if state == "initiated":
             self.started.labels(call.direction).inc()
+        elif state == "answered" and "media_encryption" in data:
+            self.answered.labels(str(data.get("transport")), str(data["media_encryption"])).inc()
         elif state == "disconnected":
             reason = str(data.get("reason", "unknown"))
             self.ended.labels(reason).inc()

@@ -1,7 +1,14 @@
-"""SDP (RFC 8866) for one audio stream, and the offer/answer rules of RFC 3264, sans-I/O."""
+"""SDP (RFC 8866) for one audio stream, and the offer/answer rules of RFC 3264, sans-I/O.
+
+SRTP keys travel in the SDP (SDES, RFC 4568): `a=crypto:<tag> <suite> inline:<base64 key||salt>`. A trunk's
+`media_encryption` decides what an offer may be: "none" takes plain RTP only (an RTP/SAVP offer is refused),
+"optional" takes either (and SRTP when an RTP/AVP offer carries a crypto line we can use: best-effort SDES),
+"required" takes only RTP/SAVP with a crypto line we can use. Refusals raise SdpError (488 by the caller)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 from dataclasses import dataclass, field
 
@@ -11,8 +18,46 @@ DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 _REVERSE = {"sendrecv": "sendrecv", "sendonly": "recvonly", "recvonly": "sendonly", "inactive": "inactive"}
 
 
+# The SDES suites we take, best first; both use a 16-byte AES key and a 14-byte salt (30 bytes inline).
+SUITES = ("AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32")
+KEY_LENGTH = 30
+SECURE = ("RTP/SAVP", "RTP/SAVPF")
+PLAIN = ("RTP/AVP", "RTP/AVPF")
+
+
 class SdpError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Crypto:
+    """One `a=crypto` line (RFC 4568) we can use: one inline key, no MKI, no session parameters."""
+
+    tag: int
+    suite: str
+    key: bytes  # master key || master salt
+
+    @classmethod
+    def parse(cls, value: str) -> Crypto | None:
+        """The line's value after `a=crypto:`, or None for a suite, key or parameter we do not take."""
+        parts = value.split()
+        if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 9 or parts[1] not in SUITES:
+            return None  # session parameters (UNENCRYPTED_SRTP, KDR=...) or an unknown suite
+        if ";" in parts[2] or not parts[2].startswith("inline:"):
+            return None  # several keys need MKIs
+        key_text, *params = parts[2][7:].split("|")
+        if len(params) > 1 or any(":" in p for p in params):
+            return None  # an MKI ("1:4": libsrtp would need it in every packet); a lifetime alone is fine
+        try:
+            key = base64.b64decode(key_text, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        if len(key) != KEY_LENGTH:
+            return None
+        return cls(int(parts[0]), parts[1], key)
+
+    def line(self) -> str:
+        return f"a=crypto:{self.tag} {self.suite} inline:{base64.b64encode(self.key).decode()}"
 
 
 @dataclass
@@ -26,6 +71,8 @@ class MediaDescription:
     direction: str | None = None
     connection: str | None = None
     ptime: int | None = None
+    crypto: list[Crypto] = field(default_factory=list)  # the usable a=crypto lines, in the offer's order
+    crypto_lines: int = 0  # every a=crypto line, usable or not
 
 
 @dataclass
@@ -88,6 +135,10 @@ class SessionDescription:
                         target[int(pt_text)] = rest.strip()
                 elif current is not None and name == "ptime" and arg.strip().isdigit():
                     current.ptime = int(arg.strip())
+                elif current is not None and name == "crypto":
+                    current.crypto_lines += 1
+                    if (crypto := Crypto.parse(arg)) is not None:
+                        current.crypto.append(crypto)
         if not saw_version:
             raise SdpError("not an SDP body (no v= line)")
         return sdp
@@ -126,15 +177,46 @@ class MediaParams:
     dtmf_pt: int | None
     direction: str  # our direction: sendrecv, sendonly, recvonly, inactive
     ptime: int = 20
+    proto: str = "RTP/AVP"  # the m= line's transport: an answer repeats the offer's
+    crypto: Crypto | None = None  # SRTP: the peer's suite, tag and key (what it sends with); None: plain RTP
+
+    @property
+    def encryption(self) -> str:
+        """What the CDR and the metrics say: "srtp" or "none"."""
+        return "srtp" if self.crypto is not None else "none"
 
 
-def negotiate(offer: SessionDescription, preferences: tuple[str, ...] = SUPPORTED) -> MediaParams:
-    """Pick a codec from an offer (the offerer's order, among those we support)."""
+def choose_crypto(audio: MediaDescription, encryption: str, offered: tuple[Crypto, ...] = ()) -> Crypto | None:
+    """The crypto line to use for this media line under a trunk's `encryption`, or None for plain RTP; SdpError
+    when the trunk's rule refuses it. `offered`: when reading an answer, the lines we offered (the answer must
+    pick one of them: same tag and suite)."""
+    proto = audio.proto.upper()
+    if proto not in SECURE + PLAIN:
+        raise SdpError(f"unsupported media transport {audio.proto}")
+    secure = proto in SECURE
+    usable = [c for c in audio.crypto if not offered or any(o.tag == c.tag and o.suite == c.suite for o in offered)]
+    if encryption == "none":
+        if secure:
+            raise SdpError(f"{audio.proto} (SRTP) offered: this trunk takes plain RTP (media_encryption none)")
+        return None
+    if encryption == "required" and not secure:
+        raise SdpError(f"plain {audio.proto} offered: this trunk requires SRTP (media_encryption required)")
+    if not usable:
+        if secure or encryption == "required":
+            what = "no a=crypto line" if not audio.crypto_lines else "no usable a=crypto line (suite, MKI, key)"
+            raise SdpError(f"{what}: SDES with {' or '.join(SUITES)} and one inline key is supported")
+        return None  # optional: plain RTP (with any unusable crypto lines ignored)
+    return usable[0]
+
+
+def negotiate(offer: SessionDescription, preferences: tuple[str, ...] = SUPPORTED, encryption: str = "none",
+              offered: tuple[Crypto, ...] = ()) -> MediaParams:
+    """Pick a codec from an offer (the offerer's order, among those we support) and SRTP as `encryption` (the
+    trunk's media_encryption) allows; `offered`: our crypto lines when `offer` is an answer to our offer."""
     audio = offer.audio()
     if audio is None:
         raise SdpError("no audio stream offered")
-    if audio.proto.upper() not in ("RTP/AVP", "RTP/AVPF"):
-        raise SdpError(f"unsupported media transport {audio.proto}")
+    crypto = choose_crypto(audio, encryption, offered)
     chosen: tuple[str, int] | None = None
     dtmf_pt = None
     for pt in audio.formats:
@@ -153,7 +235,8 @@ def negotiate(offer: SessionDescription, preferences: tuple[str, ...] = SUPPORTE
         raise SdpError("no connection address")
     return MediaParams(
         remote_host=host, remote_port=audio.port, codec=chosen[0], payload_type=chosen[1], dtmf_pt=dtmf_pt,
-        direction=_REVERSE[offer.media_direction(audio)], ptime=audio.ptime or 20,
+        direction=_REVERSE[offer.media_direction(audio)], ptime=audio.ptime or 20, proto=audio.proto.upper(),
+        crypto=crypto,
     )
 
 
@@ -162,9 +245,11 @@ _versions = itertools.count(1)
 
 def build_sdp(
     address: str, port: int, codecs: list[tuple[str, int]], dtmf_pt: int | None, direction: str = "sendrecv",
-    session_id: int = 0, version: int | None = None, ptime: int = 20,
+    session_id: int = 0, version: int | None = None, ptime: int = 20, proto: str = "RTP/AVP",
+    crypto: list[Crypto] | tuple[Crypto, ...] = (),
 ) -> bytes:
-    """An SDP body for one audio stream. `codecs` is [(name, payload type)] in preference order."""
+    """An SDP body for one audio stream. `codecs` is [(name, payload type)] in preference order; `crypto`: our
+    SDES lines (an offer: one per suite; an answer: the chosen tag and suite with our key)."""
     ip = "IP6" if ":" in address else "IP4"
     fmts = [pt for _, pt in codecs] + ([dtmf_pt] if dtmf_pt is not None else [])
     lines = [
@@ -173,8 +258,9 @@ def build_sdp(
         "s=gateway",
         f"c=IN {ip} {address}",
         "t=0 0",
-        f"m=audio {port} RTP/AVP {' '.join(str(f) for f in fmts)}",
+        f"m=audio {port} {proto} {' '.join(str(f) for f in fmts)}",
     ]
+    lines += [c.line() for c in crypto]
     for name, pt in codecs:
         lines.append(f"a=rtpmap:{pt} {name}/8000")
     if dtmf_pt is not None:

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS calls (
     from_number TEXT, to_number TEXT, did TEXT, trunk TEXT, project TEXT, worker TEXT,
     state TEXT NOT NULL,
     started_at REAL NOT NULL, answered_at REAL, ended_at REAL,
-    sip_code INTEGER, reason TEXT, room_id TEXT
+    sip_code INTEGER, reason TEXT, room_id TEXT,
+    transport TEXT, media_encryption TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,6 +67,7 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(status, worker, seq);
 CREATE INDEX IF NOT EXISTS calls_started ON calls(started_at);
 """
 
+ADDED_COLUMNS = ("transport", "media_encryption")  # udp/tcp/tls; none/srtp (issue 13)
 FINAL = "disconnected"
 MAX_BUFFERED = 50_000  # entries held in memory while the disk refuses writes (then the least important go)
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0  # a failed write is tried again after this, doubling
@@ -90,6 +92,10 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
+    for column in ADDED_COLUMNS:
+        if column not in have:  # a data directory from an older version: add what it lacks (NULL for old rows)
+            db.execute(f"ALTER TABLE calls ADD COLUMN {column} TEXT")
     return db
 
 
@@ -290,9 +296,9 @@ class CdrStore:
     def _write_open(self, db: sqlite3.Connection, voice_id: str, direction: str, f: dict[str, Any], now: float) -> None:
         db.execute(
             "INSERT OR IGNORE INTO calls (voice_id, direction, from_number, to_number, did, trunk, project, worker,"
-            " state, started_at, room_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " state, started_at, room_id, transport) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (voice_id, direction, _text(f.get("from")), _text(f.get("to")), _text(f.get("did")), _text(f.get("trunk")),
-             _text(f.get("project")), self.worker, "initiated", now, _text(f.get("room_id"))),
+             _text(f.get("project")), self.worker, "initiated", now, _text(f.get("room_id")), _text(f.get("transport"))),
         )
 
     def _write_event(self, db: sqlite3.Connection, voice_id: str, state: str, ts: float, data: dict[str, Any]) -> None:
@@ -301,7 +307,8 @@ class CdrStore:
             (voice_id, ts, state, json.dumps(data, default=str)),
         )
         if state == "answered":
-            db.execute("UPDATE calls SET state=?, answered_at=? WHERE voice_id=? AND state != ?", (state, ts, voice_id, FINAL))
+            db.execute("UPDATE calls SET state=?, answered_at=?, media_encryption=? WHERE voice_id=? AND state != ?",
+                       (state, ts, _text(data.get("media_encryption")), voice_id, FINAL))
         elif state == FINAL:
             db.execute(
                 "UPDATE calls SET state=?, ended_at=?, sip_code=?, reason=? WHERE voice_id=? AND state != ?",

@@ -55,7 +55,11 @@ def sip_uri(data: bytes) -> None:
 def sdp(data: bytes) -> None:
     try:
         offer = SessionDescription.parse(data)
-        negotiate(offer)
+        for encryption in ("none", "optional", "required"):  # SDES crypto lines, each trunk rule
+            try:
+                negotiate(offer, encryption=encryption)
+            except SdpError:
+                pass
     except SdpError:
         pass
 

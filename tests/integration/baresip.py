@@ -15,20 +15,23 @@ MODULES = ["g711.so", "aufile.so", "aubridge.so", "sndfile.so", "account.so", "m
 
 class Baresip:
     def __init__(self, workdir: Path, source_wav: Path, record: bool = True, ca_file: Path | None = None,
-                 certificate: Path | None = None, answer: bool = False, user: str = "caller") -> None:
+                 certificate: Path | None = None, answer: bool = False, user: str = "caller", mediaenc: str = "",
+                 host: str = "127.0.0.1") -> None:
         """`ca_file`: the CA (or self-signed certificate) baresip trusts for SIP over TLS; `certificate`: its own
-        (certificate and key in one PEM) for the TLS listener, on `tls_port`; `answer`: answer calls by itself."""
+        (certificate and key in one PEM) for the TLS listener, on `tls_port`; `answer`: answer calls by itself;
+        `mediaenc`: its srtp module's mode ("srtp-mand": RTP/SAVP with SDES keys, "srtp": best-effort RTP/AVP with
+        keys); `host`: the loopback address it uses for SIP and RTP."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sip_port = free_port(count=2)  # baresip's TLS transport listens on the next port
         self.ctrl_port = free_port()
         self.rec_dir = workdir / "rec"
         self.rec_dir.mkdir(exist_ok=True)
-        modules = [m for m in MODULES if record or m != "sndfile.so"]
+        modules = [m for m in MODULES if record or m != "sndfile.so"] + (["srtp.so"] if mediaenc else [])
         (workdir / "config").write_text("\n".join([
             "poll_method epoll",
-            f"sip_listen 127.0.0.1:{self.sip_port}",
-            "net_interface 127.0.0.1",
+            f"sip_listen {host}:{self.sip_port}",
+            f"net_interface {host}",
             "net_prefer_ipv6 no",
             f"audio_source aufile,{source_wav}",
             "audio_player aubridge,nowhere",
@@ -46,8 +49,8 @@ class Baresip:
             "",
         ]))
         self.tls_port = self.sip_port + 1
-        answering = ";answermode=auto" if answer else ""
-        (workdir / "accounts").write_text(f"<sip:{user}@127.0.0.1>;regint=0;audio_codecs=PCMU/8000/1{answering}\n")
+        options = (";answermode=auto" if answer else "") + (f";mediaenc={mediaenc}" if mediaenc else "")
+        (workdir / "accounts").write_text(f"<sip:{user}@{host}>;regint=0;audio_codecs=PCMU/8000/1{options}\n")
         (workdir / "contacts").write_text("")
         self.log = (workdir / "baresip.log").open("wb")
         self.proc = subprocess.Popen(["baresip", "-f", str(workdir)], stdout=self.log, stderr=subprocess.STDOUT,

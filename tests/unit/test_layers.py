@@ -25,7 +25,7 @@ FLOORS = {
     "worker": 6, "http": 6, "cli": 6, "__main__": 6,
 }
 # The sans-I/O cores see only themselves, the standard library and their own libraries.
-CORES = {"sip": set(), "media": {"numpy", "webrtcvad"}}
+CORES = {"sip": set(), "media": {"numpy", "webrtcvad", "pylibsrtp"}}
 CORE_SHARED = {"sources"}  # floor-0 modules of the standard library only, which the cores may use too
 
 
