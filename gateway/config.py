@@ -549,9 +549,9 @@ def _validate(c: Config) -> None:
             if source not in ("rfc4733", "info", "inband"):
                 raise ConfigError(f"trunks[{i}].dtmf: unknown source {source!r} (rfc4733, info, inband)")
         if t.register is not None and not t.register.registrar.startswith(("sip:", "sips:")):
-            raise ConfigError(f"trunks[{i}].register.registrar: must be a sip: URI")
-        if t.outbound is not None and not t.outbound.proxy.startswith("sip:"):
-            raise ConfigError(f"trunks[{i}].outbound.proxy: must be a sip: URI")
+            raise ConfigError(f"trunks[{i}].register.registrar: must be a sip: or sips: URI")
+        if t.outbound is not None and not t.outbound.proxy.startswith(("sip:", "sips:")):
+            raise ConfigError(f"trunks[{i}].outbound.proxy: must be a sip: or sips: URI (sips: is TLS)")
     if not 5 <= c.api.ring_timeout_s <= 600:
         raise ConfigError("api.ring_timeout_s: 5 to 600")
     if not 5 <= c.api.park_timeout_s <= 86400:

@@ -66,20 +66,27 @@ class RtpSession(asyncio.DatagramProtocol):
         self._marker = True
         self.closed = False
         self.local_key = new_key()  # our SRTP master key and salt, offered or answered when the trunk uses SRTP
+        self._key_used = False  # whether an outbound context was made with local_key
         self.srtp: SrtpContext | None = None
         self.require_srtp = False  # the trunk requires SRTP: nothing is taken before the keys are known
         self._key(params)
 
     def _key(self, params: MediaParams) -> None:
-        """(Re)build the SRTP context for `params`: kept when no key changed (libsrtp's counters stay)."""
+        """The SRTP context for `params`. The same suite: the outbound side goes on (our key, libsrtp's counters)
+        and a new peer key replaces the inbound side. A new suite, or SRTP again after plain RTP: a new context,
+        with a new key of ours if the current one already protected packets (a key never gets a second outbound
+        context: its counters would restart and reuse keystream). The caller puts `local_key` in its SDP after."""
         crypto = params.crypto
         if crypto is None:
             self.srtp = None
-        elif self.srtp is None or not self.srtp.same(crypto.suite, self.local_key, crypto.key):
-            rekey = self.srtp is not None
-            self.srtp = SrtpContext(crypto.suite, self.local_key, crypto.key)
-            if rekey:
+        elif self.srtp is not None and self.srtp.suite == crypto.suite:
+            if self.srtp.inbound(crypto.key):
                 log.event(logger, "rtp.srtp_rekeyed", logging.INFO, port=self.port, suite=crypto.suite)
+        else:
+            if self._key_used:
+                self.local_key = new_key()
+            self.srtp = SrtpContext(crypto.suite, self.local_key, crypto.key)
+            self._key_used = True
 
     @property
     def encryption(self) -> str:

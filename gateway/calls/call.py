@@ -23,7 +23,7 @@ from ..adapters.rtp_session import RtpSession
 from ..config import Config
 from ..sip.dialog import Dialog
 from ..sip.message import Request, Response, make_response
-from ..sip.sdp import SUITES, Crypto, MediaParams, SdpError, SessionDescription, build_sdp, negotiate
+from ..sip.sdp import SUITES, Crypto, MediaParams, OurOffer, SdpError, SessionDescription, build_sdp, negotiate
 from ..sip.transaction import ServerInviteTransaction, ServerTransaction, SipStack, Target, new_tag
 from ..store.cdr import CdrStore
 
@@ -48,7 +48,7 @@ class CallHost(Protocol):
 
     def now(self) -> float: ...
 
-    def contact(self, transport: str) -> str: ...
+    def contact(self, transport: str, sips: bool = False) -> str: ...
 
     def respond(self, txn: ServerTransaction, response: Response) -> None: ...
 
@@ -105,6 +105,10 @@ class Call:
         self.audio: Any = None  # the IVR's CallAudio once an application sets it up
         self.control: Any = None  # the API's handle on the call (gateway.control.Steering) once it has one
 
+    @property
+    def contact(self) -> str:
+        return self.ua.contact(self.source.transport, sips=self.invite.ruri.scheme == "sips")
+
     # -- recording
     def record(self, state: str, level: int = logging.INFO, **data: Any) -> None:
         self.state = state
@@ -125,14 +129,14 @@ class Call:
         txn = self.invite_txn
         assert txn is not None and self.media is not None
         response = self._response(200)
-        response.headers.add("Contact", self.ua.contact(self.source.transport))
+        response.headers.add("Contact", self.contact)
         response.headers.add("Allow", self.ua.allow)
         response.headers.add("Supported", "timer")
         self._add_session_timer(response)
         response.headers.add("Content-Type", "application/sdp")
         response.body = self.local_sdp()
         self._awaiting_ack_answer = not self.invite.body
-        self.dialog = Dialog.as_uas(self.invite, self.local_tag, self.ua.contact(self.source.transport), self.source.transport)
+        self.dialog = Dialog.as_uas(self.invite, self.local_tag, self.contact, self.source.transport)
         self.ua.register_dialog(self)
         self.media.learn()  # strict RTP: the caller learns our port now; its source is learned in the next window
         self.ua.respond(txn, response)
@@ -219,9 +223,9 @@ class Call:
         return negotiate(offer, tuple(self.ua.config.rtp.codecs), self.encryption)
 
     def negotiate_answer(self, body: bytes) -> MediaParams:
-        """The peer's answer to our offer: it must pick one of the crypto lines we offered (when we offered any)."""
+        """The peer's answer to our offer: our transport, and one of the crypto lines we offered (if any)."""
         return negotiate(SessionDescription.parse(body), tuple(self.ua.config.rtp.codecs), self.encryption,
-                         self._sdp_crypto)
+                         self._our_offer)
 
     def offer_crypto(self) -> tuple[str, tuple[Crypto, ...]]:
         """The m= transport and the crypto lines of an offer we make, as the trunk's media_encryption says:
@@ -246,7 +250,7 @@ class Call:
             codecs = [(c, 0 if c == "PCMU" else 8) for c in self.ua.config.rtp.codecs]
             dtmf = self.ua.config.rtp.telephone_event_pt
             proto, crypto = self.offer_crypto()
-        self._sdp_crypto = crypto
+        self._our_offer = OurOffer(proto, crypto)  # what an answer to this SDP (if it is an offer) must match
         return build_sdp(self.ua.media_host, self.media.port, codecs, dtmf, p.direction,
                          self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
 
@@ -257,7 +261,7 @@ class Call:
         return {"transport": self.source.transport, "media_encryption": self.media.encryption,
                 **({"srtp_suite": crypto.suite} if crypto is not None else {})}
 
-    _sdp_crypto: tuple[Crypto, ...] = ()  # the crypto lines of the SDP we sent last (an answer must pick one)
+    _our_offer = OurOffer()  # the transport and crypto lines of the SDP we sent last
 
     _answered_once = False
 
@@ -314,7 +318,7 @@ class Call:
         """re-INVITE or UPDATE: new SDP (hold, resume, new address) and/or a session refresh."""
         assert self.media is not None
         response = make_response(request, 200, "", self.local_tag)
-        response.headers.add("Contact", self.ua.contact(self.source.transport))
+        response.headers.add("Contact", self.contact)
         response.headers.add("Allow", self.ua.allow)
         if request.body:
             if request.content_type != "application/sdp":
@@ -402,3 +406,14 @@ class Call:
     def _refresh_done(self, response: Response | None) -> None:
         if response is None or response.status in (408, 481):
             self.hangup("session_refresh_failed", refresh_status=None if response is None else response.status)
+        elif 200 <= response.status < 300 and response.body and self.media is not None and not self.ended.is_set():
+            try:  # the answer to our refresh's SDP: the peer may move its media or change its SRTP key
+                params = self.negotiate_answer(response.body)
+            except SdpError as exc:
+                self.record("media_failed", logging.WARNING, error=str(exc))
+                self.hangup("incompatible_sdp", error=str(exc))
+                return
+            if params != self.media.params:
+                self.media.update(params)
+                self.record("media_updated", codec=params.codec, direction=params.direction, method="refresh",
+                            media_encryption=params.encryption)

@@ -26,7 +26,7 @@ from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
 from ..sip.dialog import Dialog
 from ..sip.message import Headers, Request, Response, SipUri
-from ..sip.sdp import MediaParams, SdpError, build_sdp
+from ..sip.sdp import MediaParams, OurOffer, SdpError, build_sdp
 from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
 from .call import Call, CallHost, SessionTimer
 
@@ -121,7 +121,7 @@ def request_uri(to: str, proxy: SipUri) -> str:
     if not E164.fullmatch(to):
         raise DialError("to: an E.164 number (ASCII digits, optional +) or sip:user@host[:port]")
     port = f":{proxy.port}" if proxy.port else ""
-    return f"sip:{to}@{proxy.host}{port}"
+    return f"{'sips' if proxy.scheme == 'sips' else 'sip'}:{to}@{proxy.host}{port}"  # sips: TLS all the way
 
 
 class OutboundCall(Call):
@@ -185,9 +185,10 @@ class OutboundCall(Call):
         assert self.media is not None
         cfg = self.ua.config.rtp
         codecs = [(c, 0 if c == "PCMU" else 8) for c in cfg.codecs]
-        proto, self._sdp_crypto = self.offer_crypto()
+        proto, crypto = self.offer_crypto()
+        self._our_offer = OurOffer(proto, crypto)
         return build_sdp(self.ua.media_host, self.media.port, codecs, cfg.telephone_event_pt, "sendrecv",
-                         self._sdp_session, self._sdp_version, proto=proto, crypto=self._sdp_crypto)
+                         self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
 
     def _send_invite(self, authorization: tuple[str, str] | None) -> None:
         self.cseq += 1
@@ -197,7 +198,7 @@ class OutboundCall(Call):
         h.add("To", f"<{self.ruri}>")
         h.add("Call-ID", self.call_id)
         h.add("CSeq", f"{self.cseq} INVITE")
-        h.add("Contact", self.ua.contact(self.source.transport))
+        h.add("Contact", self.contact)
         h.add("Allow", self.ua.allow)
         h.add("Supported", "timer")
         h.add("User-Agent", self.ua.config.sip.user_agent)
@@ -253,7 +254,7 @@ class OutboundCall(Call):
             self._ack(response)
             return
         self.dialog = Dialog.as_uac(self.invite, response, self.source.transport)
-        self.dialog.contact = self.ua.contact(self.source.transport)
+        self.dialog.contact = self.contact
         self.ua.register_dialog(self)
         self._ack(response)
         if self.ended.is_set():  # answered after we gave up (CANCEL crossed the 2xx): hang up at once

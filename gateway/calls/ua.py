@@ -110,10 +110,14 @@ class UserAgent:
         assert self.transport is not None
         return self.transport.now()
 
-    def contact(self, transport: str) -> str:
+    def contact(self, transport: str, sips: bool = False) -> str:
+        """Our Contact for `transport`; `sips`: the dialog was set up for a sips: Request-URI over TLS, so the
+        Contact is a sips: URI too (RFC 3261 12.1.1; RFC 5630: no transport=tls with sips)."""
         host, port = self.stack.local.get(transport, (self.config.sip.host, self.config.sip.port))
         host = self.config.sip.public_host or host
         h = f"[{host}]" if ":" in host else host
+        if sips and transport == "tls":
+            return f"<sips:gateway@{h}:{port}>"
         suffix = f";transport={transport}" if transport in ("tcp", "tls") else ""
         return f"<sip:gateway@{h}:{port}{suffix}>"
 

@@ -6,7 +6,8 @@ kept by the aiortc project; AES-CM and HMAC-SHA1 by hand would be slower and unr
 
 One `SrtpContext` per call: our key protects what we send (any SSRC we use), the peer's key authenticates and
 decrypts what we receive (any SSRC it uses; libsrtp keeps the replay window and the rollover counter per SSRC).
-A re-key (a re-INVITE with a new peer key) replaces the inbound side only; ours stays unless we offer anew.
+A re-key (a re-INVITE with a new peer key) replaces the inbound side only; ours goes on. A key is never given
+a second outbound context (its counters would restart: keystream reuse); the session makes a new key instead.
 Keys never leave this object: no repr, no logging.
 """
 
@@ -46,9 +47,18 @@ class SrtpContext:
     def __repr__(self) -> str:
         return f"SrtpContext({self.suite})"
 
-    def same(self, suite: str, local_key: bytes, remote_key: bytes) -> bool:
-        """Whether a renegotiation kept every key (then the running contexts, and their counters, stay)."""
-        return (suite, local_key, remote_key) == (self.suite, self._local_key, self._remote_key)
+    def inbound(self, remote_key: bytes) -> bool:
+        """The peer's key from a renegotiation: a new inbound context when it changed (True), else nothing.
+        The outbound context stays as it is: our key and its rollover counter go on (restarting them with the
+        same key would reuse keystream once the sequence number has wrapped)."""
+        if remote_key == self._remote_key:
+            return False
+        if len(remote_key) != KEY_LENGTH:
+            raise ValueError("unsupported SRTP key length")
+        self._remote_key = remote_key
+        self._rx = Session(Policy(key=remote_key, ssrc_type=Policy.SSRC_ANY_INBOUND,
+                                  srtp_profile=PROFILES[self.suite]))
+        return True
 
     def protect(self, packet: bytes) -> bytes:
         return self._tx.protect(packet)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
+import re
 from dataclasses import dataclass, field
 
 STATIC_CODECS = {0: "PCMU", 8: "PCMA"}
@@ -29,25 +30,34 @@ class SdpError(ValueError):
     pass
 
 
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_LIFETIME = re.compile(r"(?:[0-9]{1,20}|2\^[0-9]{1,2})")
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits, a sane length: str.isdigit() also passes "²" and "١", which int() then refuses."""
+    return _DIGITS.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class Crypto:
     """One `a=crypto` line (RFC 4568) we can use: one inline key, no MKI, no session parameters."""
 
     tag: int
     suite: str
-    key: bytes  # master key || master salt
+    key: bytes = field(repr=False)  # master key || master salt: never in a repr (logs, exceptions)
 
     @classmethod
     def parse(cls, value: str) -> Crypto | None:
         """The line's value after `a=crypto:`, or None for a suite, key or parameter we do not take."""
         parts = value.split()
-        if len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 9 or parts[1] not in SUITES:
+        if len(parts) != 3 or not _digits(parts[0]) or parts[1] not in SUITES:
             return None  # session parameters (UNENCRYPTED_SRTP, KDR=...) or an unknown suite
-        if ";" in parts[2] or not parts[2].startswith("inline:"):
+        if ";" in parts[2] or parts[2][:7].lower() != "inline:":
             return None  # several keys need MKIs
         key_text, *params = parts[2][7:].split("|")
-        if len(params) > 1 or any(":" in p for p in params):
-            return None  # an MKI ("1:4": libsrtp would need it in every packet); a lifetime alone is fine
+        if len(params) > 1 or any(_LIFETIME.fullmatch(p) is None for p in params):
+            return None  # an MKI ("1:4": libsrtp would need it in every packet), or junk; a lifetime alone is fine
         try:
             key = base64.b64decode(key_text, validate=True)
         except (binascii.Error, ValueError):
@@ -102,8 +112,8 @@ class SessionDescription:
                 parts = value.split()
                 if len(parts) >= 6:
                     sdp.origin_user = parts[0]
-                    sdp.session_id = int(parts[1]) if parts[1].isdigit() else 0
-                    sdp.session_version = int(parts[2]) if parts[2].isdigit() else 0
+                    sdp.session_id = int(parts[1]) if parts[1].isascii() and parts[1].isdigit() else 0
+                    sdp.session_version = int(parts[2]) if parts[2].isascii() and parts[2].isdigit() else 0
                     sdp.address = parts[5]
             elif kind == "c":
                 parts = value.split()
@@ -116,9 +126,9 @@ class SessionDescription:
                     current.connection = addr
             elif kind == "m":
                 parts = value.split()
-                if len(parts) < 4 or not parts[1].split("/")[0].isdigit():
+                if len(parts) < 4 or not _digits(parts[1].split("/")[0]):
                     raise SdpError(f"malformed m= line {value!r}")
-                fmts = [int(f) for f in parts[3:] if f.isdigit() and int(f) < 128]
+                fmts = [int(f) for f in parts[3:] if _digits(f) and int(f) < 128]
                 current = MediaDescription(parts[0], int(parts[1].split("/")[0]), parts[2], fmts)
                 sdp.media.append(current)
             elif kind == "a":
@@ -130,10 +140,10 @@ class SessionDescription:
                         current.direction = name
                 elif current is not None and name in ("rtpmap", "fmtp"):
                     pt_text, _, rest = arg.partition(" ")
-                    if pt_text.isdigit():
+                    if _digits(pt_text):
                         target = current.rtpmap if name == "rtpmap" else current.fmtp
                         target[int(pt_text)] = rest.strip()
-                elif current is not None and name == "ptime" and arg.strip().isdigit():
+                elif current is not None and name == "ptime" and _digits(arg.strip()):
                     current.ptime = int(arg.strip())
                 elif current is not None and name == "crypto":
                     current.crypto_lines += 1
@@ -186,15 +196,33 @@ class MediaParams:
         return "srtp" if self.crypto is not None else "none"
 
 
-def choose_crypto(audio: MediaDescription, encryption: str, offered: tuple[Crypto, ...] = ()) -> Crypto | None:
+@dataclass(frozen=True)
+class OurOffer:
+    """What our last offer said of security: its m= transport and crypto lines (an answer must match them)."""
+
+    proto: str = "RTP/AVP"
+    crypto: tuple[Crypto, ...] = ()
+
+
+def choose_crypto(audio: MediaDescription, encryption: str, answering: OurOffer | None = None) -> Crypto | None:
     """The crypto line to use for this media line under a trunk's `encryption`, or None for plain RTP; SdpError
-    when the trunk's rule refuses it. `offered`: when reading an answer, the lines we offered (the answer must
-    pick one of them: same tag and suite)."""
+    when the trunk's rule refuses it. `answering`: `audio` answers our offer, so it must keep the offer's
+    transport and carry exactly one of our lines (same tag and suite), or none when we offered none
+    (RFC 3264 6, RFC 4568 5.1.2)."""
     proto = audio.proto.upper()
     if proto not in SECURE + PLAIN:
         raise SdpError(f"unsupported media transport {audio.proto}")
     secure = proto in SECURE
-    usable = [c for c in audio.crypto if not offered or any(o.tag == c.tag and o.suite == c.suite for o in offered)]
+    if answering is not None:
+        if proto.replace("SAVP", "AVP") != answering.proto.upper().replace("SAVP", "AVP") or \
+                secure != (answering.proto.upper() in SECURE):
+            raise SdpError(f"the answer's transport {audio.proto} is not our offer's {answering.proto}")
+        if audio.crypto_lines > 1:
+            raise SdpError("an answer carries one a=crypto line at most")
+        if audio.crypto_lines and not answering.crypto:
+            raise SdpError("an a=crypto line in the answer to an offer without one")
+    usable = [c for c in audio.crypto if answering is None
+              or any(o.tag == c.tag and o.suite == c.suite for o in answering.crypto)]
     if encryption == "none":
         if secure:
             raise SdpError(f"{audio.proto} (SRTP) offered: this trunk takes plain RTP (media_encryption none)")
@@ -210,13 +238,13 @@ def choose_crypto(audio: MediaDescription, encryption: str, offered: tuple[Crypt
 
 
 def negotiate(offer: SessionDescription, preferences: tuple[str, ...] = SUPPORTED, encryption: str = "none",
-              offered: tuple[Crypto, ...] = ()) -> MediaParams:
+              answering: OurOffer | None = None) -> MediaParams:
     """Pick a codec from an offer (the offerer's order, among those we support) and SRTP as `encryption` (the
-    trunk's media_encryption) allows; `offered`: our crypto lines when `offer` is an answer to our offer."""
+    trunk's media_encryption) allows; `answering`: what we offered, when `offer` is the answer to it."""
     audio = offer.audio()
     if audio is None:
         raise SdpError("no audio stream offered")
-    crypto = choose_crypto(audio, encryption, offered)
+    crypto = choose_crypto(audio, encryption, answering)
     chosen: tuple[str, int] | None = None
     dtmf_pt = None
     for pt in audio.formats:

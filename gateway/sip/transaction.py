@@ -510,7 +510,7 @@ class SipStack:
         if not _is_ip(host):
             host = source.host
         rport = top.params.get("rport")
-        port = int(rport) if rport and rport.isdigit() else (top.port or 5060)
+        port = int(rport) if rport and rport.isascii() and rport.isdigit() else (top.port or 5060)
         return Target("udp", host, port)
 
     def _server_key(self, request: Request, method: str) -> tuple[str, ...]:

@@ -95,7 +95,11 @@ def connect(path: Path) -> sqlite3.Connection:
     have = {row[1] for row in db.execute("PRAGMA table_info(calls)")}
     for column in ADDED_COLUMNS:
         if column not in have:  # a data directory from an older version: add what it lacks (NULL for old rows)
-            db.execute(f"ALTER TABLE calls ADD COLUMN {column} TEXT")
+            try:
+                db.execute(f"ALTER TABLE calls ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError as exc:  # another process added it first, or the store is read-only
+                if "duplicate column" not in str(exc) and "readonly" not in str(exc):
+                    raise
     return db
 
 
@@ -315,8 +319,9 @@ class CdrStore:
                 (state, ts, data.get("code"), _text(data.get("reason")), voice_id, FINAL),
             )
         elif state != "initiated":
-            db.execute("UPDATE calls SET state=?, room_id=COALESCE(?, room_id) WHERE voice_id=? AND state != ?",
-                       (state, _text(data.get("room_id")), voice_id, FINAL))
+            db.execute("UPDATE calls SET state=?, room_id=COALESCE(?, room_id), "
+                       "media_encryption=COALESCE(?, media_encryption) WHERE voice_id=? AND state != ?",
+                       (state, _text(data.get("room_id")), _text(data.get("media_encryption")), voice_id, FINAL))
 
 
 

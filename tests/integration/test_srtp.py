@@ -72,7 +72,7 @@ name = "carrier"
 sources = []
 media_encryption = "required"
 [trunks.outbound]
-proxy = "sip:127.0.0.1:{far.tls_port};transport=tls"
+proxy = "sips:127.0.0.1:{far.tls_port}"  # sips: TLS, and a sips: Request-URI and Contact
 """
     cert, key = tls_files(tmp)
     port = free_port()
@@ -187,10 +187,17 @@ def test_an_ivr_call_over_tls_and_srtp_validates_into_a_room_and_hears_it(secure
     try:
         phone.command("dial", f"sip:{IVR_DID}@127.0.0.1:{secure.tls_port};transport=tls")
         phone.wait_event("CALL_ESTABLISHED", 20)
+        ours = wait_until(lambda: next((r["voice_id"] for r in gw.calls() if r["started_at"] >= since
+                                        and r["transport"] == "tls"), None), 10, "baresip's call in the CDR")
+
+        def states() -> list[str]:
+            return [e["state"] for e in gw.cdr(ours)["events"]]
+
         phone.command("sndcode", room["sip"]["meeting_id"] + "#")
-        wait_until(lambda: '"call.meeting_id_' in gw.log(), 20, "the meeting ID checked")
+        wait_until(lambda: any(s.startswith("meeting_id_") for s in states()), 20, "the meeting ID checked")
         phone.command("sndcode", room["sip"]["pin"] + "#")
-        wait_until(lambda: len(gw.log().split('"call.joined"')) > 2, 30, "both callers in the room")
+        wait_until(lambda: "joined" in states(), 30, "baresip's call in the room")
+        wait_until(lambda: sum(r["room_id"] == room["room_id"] for r in gw.calls()) == 2, 30, "both callers in the room")
         time.sleep(6)  # the scenario itself: six seconds in the room together
         phone.command("hangup")
         phone.wait_event("CALL_CLOSED")
@@ -198,10 +205,9 @@ def test_an_ivr_call_over_tls_and_srtp_validates_into_a_room_and_hears_it(secure
         phone.close()
     thread.join(90)
     assert result["value"].returncode == 0, result["value"].stdout[-2000:]
-    rows = ended_since(gw, since, 2)
-    ours = next(r for r in rows if r["transport"] == "tls")
-    assert ours["media_encryption"] == "srtp" and ours["room_id"] == room["room_id"], ours
-    left = next(e for e in gw.cdr(ours["voice_id"])["events"] if e["state"] == "left")
+    row = next(r for r in ended_since(gw, since, 2) if r["voice_id"] == ours)
+    assert row["media_encryption"] == "srtp" and row["room_id"] == room["room_id"], row
+    left = next(e for e in gw.cdr(ours)["events"] if e["state"] == "left")
     assert left["rtp_to_room"] > 200 and left["rtp_from_room"] > 200, left
     recorded = [p for p in (tmp_path / "baresip" / "rec").glob("*.wav") if "dec" in p.name]
     with wave.open(str(recorded[0])) as w:
@@ -226,6 +232,7 @@ def test_a_dial_out_to_a_tls_and_srtp_trunk_joins_a_room(secure: Secure) -> None
         "DELETE", f"/voice/v1/room/{room['room_id']}/call/{body['voice_id']}")
     assert status == 200, status
     secure.far.wait_event("CALL_CLOSED", 20)
+    assert "sips:15551230001@127.0.0.1" in (secure.far.dir / "baresip.log").read_text(), "a sips: Request-URI"
     row = wait_until(lambda: gw.cdr(body["voice_id"]) if gw.cdr(body["voice_id"])["state"] == "disconnected"
                      else None, 20, "the dial-out's CDR closed")
     assert (row["transport"], row["media_encryption"]) == ("tls", "srtp"), row

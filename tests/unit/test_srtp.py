@@ -4,13 +4,12 @@ offer/answer, and libsrtp contexts that protect, authenticate, refuse replays an
 from __future__ import annotations
 
 import base64
-import os
 import struct
 
 import pytest
 
 from gateway.media.srtp import SrtpContext, SrtpError, new_key
-from gateway.sip.sdp import SUITES, Crypto, SdpError, SessionDescription, build_sdp, negotiate
+from gateway.sip.sdp import SUITES, Crypto, OurOffer, SdpError, SessionDescription, build_sdp, negotiate
 
 KEY = bytes(range(30))
 INLINE = base64.b64encode(KEY).decode()
@@ -25,6 +24,7 @@ def offer(proto: str = "RTP/SAVP", *crypto: str) -> SessionDescription:
 def test_crypto_lines_we_can_use_and_those_we_skip() -> None:
     assert Crypto.parse(f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}") == Crypto(1, SUITES[0], KEY)
     assert Crypto.parse(f"2 AES_CM_128_HMAC_SHA1_32 inline:{INLINE}|2^31") == Crypto(2, SUITES[1], KEY)
+    assert Crypto.parse(f"3 AES_CM_128_HMAC_SHA1_80 INLINE:{INLINE}|1048576") == Crypto(3, SUITES[0], KEY)
     for skipped in (
         f"1 AES_256_CM_HMAC_SHA1_80 inline:{INLINE}",  # a suite we do not take
         f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}|2^20|1:4",  # an MKI
@@ -32,6 +32,8 @@ def test_crypto_lines_we_can_use_and_those_we_skip() -> None:
         f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE};inline:{INLINE}",  # two keys
         "1 AES_CM_128_HMAC_SHA1_80 inline:c2hvcnQ=",  # a 5-byte key
         "1 AES_CM_128_HMAC_SHA1_80 inline:!!notbase64!!",
+        f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}|junk",
+        f"\u00b2 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}",  # a superscript two: str.isdigit() says yes
         f"x AES_CM_128_HMAC_SHA1_80 inline:{INLINE}",
         f"1 AES_CM_128_HMAC_SHA1_80 uri:{INLINE}",
     ):
@@ -66,12 +68,25 @@ def test_optional_takes_either_and_none_takes_plain_only() -> None:
         negotiate(offer("UDP/TLS/RTP/SAVPF"), encryption="optional")
 
 
-def test_an_answer_must_pick_a_line_we_offered() -> None:
-    ours = (Crypto(1, SUITES[0], new_key()), Crypto(2, SUITES[1], new_key()))
+def test_an_answer_must_pick_a_line_we_offered_on_our_transport() -> None:
+    ours = OurOffer("RTP/SAVP", (Crypto(1, SUITES[0], new_key()), Crypto(2, SUITES[1], new_key())))
     good = offer("RTP/SAVP", f"2 AES_CM_128_HMAC_SHA1_32 inline:{INLINE}")
-    assert negotiate(good, encryption="required", offered=ours).crypto == Crypto(2, SUITES[1], KEY)
+    assert negotiate(good, encryption="required", answering=ours).crypto == Crypto(2, SUITES[1], KEY)
     with pytest.raises(SdpError):  # tag 2 was not the 80-bit suite
-        negotiate(offer("RTP/SAVP", f"2 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"), encryption="required", offered=ours)
+        negotiate(offer("RTP/SAVP", f"2 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"), encryption="required", answering=ours)
+    with pytest.raises(SdpError, match="one a=crypto line at most"):
+        negotiate(offer("RTP/SAVP", f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}",
+                        f"2 AES_CM_128_HMAC_SHA1_32 inline:{INLINE}"), encryption="required", answering=ours)
+    plain = OurOffer("RTP/AVP", ())  # e.g. a refresh of a call that is plain on an optional trunk
+    with pytest.raises(SdpError, match="without one"):
+        negotiate(offer("RTP/AVP", f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"), encryption="optional",
+                  answering=plain)
+    with pytest.raises(SdpError, match="not our offer's"):
+        negotiate(offer("RTP/SAVP", f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"), encryption="optional",
+                  answering=plain)
+    assert negotiate(offer("RTP/AVP"), encryption="optional", answering=plain).crypto is None
+    best_effort = OurOffer("RTP/AVP", ours.crypto)  # optional: RTP/AVP with keys; a plain answer is fine
+    assert negotiate(offer("RTP/AVP"), encryption="optional", answering=best_effort).crypto is None
 
 
 def test_our_sdp_carries_the_transport_and_keys_and_parses_back() -> None:
@@ -103,13 +118,22 @@ def test_contexts_protect_authenticate_and_refuse_replays(suite: str, tag_length
         bob.unprotect(rtp(3))  # plain RTP
     with pytest.raises(SrtpError):
         bob.unprotect(SrtpContext(suite, new_key(), a_key).protect(rtp(4)))  # another key
-    assert KEY.hex() not in repr(alice) and a_key.hex() not in repr(alice)
+    for shown in (repr(alice), repr(Crypto(1, SUITES[0], a_key)),
+                  repr(negotiate(offer("RTP/SAVP", f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"), encryption="required")),
+                  repr(offer("RTP/SAVP", f"1 AES_CM_128_HMAC_SHA1_80 inline:{INLINE}"))):
+        assert repr(KEY)[2:20] not in shown and repr(a_key)[2:20] not in shown and "key" not in shown, shown
 
 
-def test_a_rekey_is_seen_and_an_unchanged_key_keeps_the_context() -> None:
-    ours, theirs = new_key(), new_key()
+def test_a_rekey_replaces_the_inbound_side_only() -> None:
+    ours, theirs, later = new_key(), new_key(), new_key()
     ctx = SrtpContext(SUITES[0], ours, theirs)
-    assert ctx.same(SUITES[0], ours, theirs) and not ctx.same(SUITES[0], ours, os.urandom(30))
+    peer = SrtpContext(SUITES[0], theirs, ours)
+    assert peer.unprotect(ctx.protect(rtp(1))) == rtp(1)
+    assert not ctx.inbound(theirs) and ctx.inbound(later)
+    assert peer.unprotect(ctx.protect(rtp(2))) == rtp(2), "our side goes on: the peer still reads us"
+    with pytest.raises(SrtpError):
+        ctx.unprotect(peer.protect(rtp(3)))  # the peer's old key
+    assert ctx.unprotect(SrtpContext(SUITES[0], later, ours).protect(rtp(4))) == rtp(4)
     with pytest.raises(ValueError):
         SrtpContext(SUITES[0], ours, b"short")
 
@@ -135,14 +159,19 @@ async def test_a_session_takes_only_authentic_packets_and_follows_a_rekey() -> N
     session.datagram_received(rtp(2), source)  # plain
     session.datagram_received(SrtpContext(SUITES[0], new_key(), session.local_key).protect(rtp(3)), source)
     assert (session.received, session.dropped["srtp"]) == (1, 2)
-    context = session.srtp
+    context, ours = session.srtp, session.local_key
     session.update(replace(params, direction="sendonly"))  # a hold that keeps the keys
     assert session.srtp is context
     rekeyed = new_key()
     session.update(replace(params, crypto=Crypto(1, SUITES[0], rekeyed)))
+    assert session.srtp is context and session.local_key == ours, "a re-key keeps our side"
     session.datagram_received(peer.protect(rtp(4)), source)  # the old key: refused now
     session.datagram_received(SrtpContext(SUITES[0], rekeyed, session.local_key).protect(rtp(5)), source)
     assert (session.received, session.dropped["srtp"], session.encryption) == (2, 3, "srtp")
+    session.update(replace(params, crypto=None))  # plain (an optional trunk), then SRTP again: a new key of ours
+    assert session.srtp is None
+    session.update(replace(params, crypto=Crypto(1, SUITES[1], rekeyed)))
+    assert session.srtp is not None and session.local_key != ours
     plain = RtpSession(MediaClock(), PortAllocator(30000, 30010), replace(params, crypto=None), (40, 200))
     plain.require_srtp = True  # an outbound call on a required trunk, before the answer's key
     plain.learn(force=True)
