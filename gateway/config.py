@@ -32,6 +32,7 @@ class SipConfig:
     tls_cert: str = ""  # PEM chain and key for SIP over TLS (TLS 1.2+); required with "tls" in transports
     tls_key: str = ""
     tls_ca: str = ""  # PEM CAs trusted for outgoing TLS connections (trunks' proxies) besides the system's
+    tls_client_ca: str = ""  # PEM CAs for client certificates: the TLS listener asks for one (trunks' mutual TLS)
     public_host: str = ""  # address written in Contact and SDP; defaults to host
     user_agent: str = "gateway"
     session_expires: int = 1800  # RFC 4028 interval we ask for / accept
@@ -301,6 +302,8 @@ class TrunkConfig:
     outbound: OutboundConfig | None = None
     trust_id_inbound: bool = False  # the trunk vouches for caller numbers: PIN limits skip its source address
     media_encryption: str = "none"  # SRTP (SDES): none | optional | required (RTP/SAVP only, plain offers get 488)
+    tls_client_certificate: bool = False  # mutual TLS: calls must come over TLS with a certificate of sip.tls_client_ca
+    tls_client_names: list[str] = field(default_factory=list)  # ... naming one of these (DNS/IP SAN, else CN); [] = any
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]
@@ -466,11 +469,16 @@ def _validate(c: Config) -> None:
     _check_tls(c.sip.tls_cert, c.sip.tls_key, "sip")
     if "tls" in c.sip.transports and "tcp" in c.sip.transports and c.sip.tls_port == c.sip.port and c.sip.port:
         raise ConfigError("sip.tls_port: must differ from sip.port (TCP listens there)")
-    if c.sip.tls_ca:
-        try:
-            ssl.create_default_context().load_verify_locations(cafile=c.sip.tls_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"sip.tls_ca: {exc}") from None
+    for key in ("tls_ca", "tls_client_ca"):
+        if getattr(c.sip, key):
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=getattr(c.sip, key))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"sip.{key}: {exc}") from None
+    for i, t in enumerate(c.trunks):
+        if (t.tls_client_certificate or t.tls_client_names) and not ("tls" in c.sip.transports and c.sip.tls_client_ca):
+            raise ConfigError(f"trunks[{i}].tls_client_certificate: mutual TLS needs tls in sip.transports and "
+                              "sip.tls_client_ca (the CAs that sign the trunk's certificates)")
     for i, t in enumerate(c.trunks):  # a trunk reached over TLS needs our TLS listener: its Contact is there
         uris = [t.outbound.proxy if t.outbound else "", t.register.registrar if t.register else ""]
         if any(u.startswith("sips:") or "transport=tls" in u.lower() for u in uris) and "tls" not in c.sip.transports:

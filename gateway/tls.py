@@ -25,15 +25,31 @@ from typing import Any
 HSTS = "max-age=31536000"  # a year: browsers keep to HTTPS for this host once they saw it over HTTPS
 
 
-def server_context(cert: str, key: str, http: bool = True) -> ssl.SSLContext:
-    """A listener's context: TLS 1.2+, the operator's chain and key, no renegotiation; ALPN http/1.1 for HTTP."""
+def server_context(cert: str, key: str, http: bool = True, client_ca: str = "") -> ssl.SSLContext:
+    """A listener's context: TLS 1.2+, the operator's chain and key, no renegotiation; ALPN http/1.1 for HTTP.
+    `client_ca`: ask every client for a certificate, verified against these CAs when one is given (a client
+    without one still connects: what it may do without is decided per trunk, `peer_names`)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert, key)
     if http:
         ctx.set_alpn_protocols(["http/1.1"])
+    if client_ca:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
+
+
+def peer_names(cert: dict[str, Any] | None) -> list[str]:
+    """The names a verified peer certificate (`SSLObject.getpeercert()`) vouches for: its DNS and IP
+    subjectAltNames, else its subject's common name (lower-cased). [] without a certificate."""
+    if not cert:
+        return []
+    names = [str(v).lower() for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+    if names:
+        return names
+    return [str(v).lower() for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
 
 
 def _blocks(pem: str) -> list[str]:
@@ -77,12 +93,15 @@ def internal(cert: str) -> dict[str, Any]:
     return {"ssl": context, "server_hostname": name}
 
 
-def client_context(ca_file: str = "") -> ssl.SSLContext:
-    """A client of the world: the system's CAs, and `ca_file` too (a private CA)."""
+def client_context(ca_file: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
+    """A client of the world: the system's CAs, and `ca_file` too (a private CA); `cert`/`key`: the certificate we
+    show a server that asks for one (a trunk doing mutual TLS)."""
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file:
         ctx.load_verify_locations(cafile=ca_file)
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
     return ctx
 
 
@@ -111,7 +130,7 @@ def self_signed(names: list[str], cert_path: Path, key_path: Path, days: int = 3
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(key, hashes.SHA256()))
     key_path.parent.mkdir(parents=True, exist_ok=True)
     cert_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .. import log
+from .. import log, tls
 from ..config import SipConfig
 from ..sip.flood import LogThrottle, SourceLimiter
 from ..sip.framing import FramingError, StreamFramer
@@ -170,6 +170,12 @@ class SipTransport:
         for data in self._pending_connect.pop(key, []):
             conn.send(data)
 
+    def peer_names(self, source: Target) -> list[str]:
+        """The names of the verified client certificate on the TLS connection `source` came in on ([] when
+        there is none, or the message did not come over TLS)."""
+        conn = self.connections.get(source.conn) if source.conn is not None else None
+        return conn.peer_names if conn is not None and conn.name == "tls" and not conn.outbound else []
+
     # -- TCP connection caps
     def _open(self, conn: _TcpConnection) -> bool:
         """Count a new connection in, or say why it must be refused (then it is not counted)."""
@@ -250,6 +256,7 @@ class _TcpConnection(asyncio.Protocol):
         # inbound TLS: the session in memory (asyncio's SSL transports would do the handshake before the caps
         # and tell no one of a failed one; uvloop reads before a pause in connection_made could stop it)
         self._tls: ssl.SSLObject | None = None
+        self.peer_names: list[str] = []  # inbound TLS: the names of the client's certificate (verified), if any
         self._in: ssl.MemoryBIO | None = None
         self._out: ssl.MemoryBIO | None = None
         self._secured = False
@@ -317,6 +324,7 @@ class _TcpConnection(asyncio.Protocol):
             if not self._secured:
                 self._tls.do_handshake()
                 self._secured = True
+                self.peer_names = tls.peer_names(self._tls.getpeercert())  # a verified client certificate's
             while chunk := self._tls.read(65536):
                 chunks.append(chunk)
             # b"": the peer's close_notify (read() says so by returning nothing, not by raising)

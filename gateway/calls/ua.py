@@ -95,9 +95,11 @@ class UserAgent:
     async def start(self) -> None:
         self.transport = SipTransport(self.stack, self._drain_events, self.config.sip, self.trusted_source)
         sip = self.config.sip
-        tls_server = tls.server_context(sip.tls_cert, sip.tls_key, http=False) if "tls" in sip.transports else None
-        await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,
-                                   tls.client_context(sip.tls_ca))
+        secure = "tls" in sip.transports
+        tls_server = tls.server_context(sip.tls_cert, sip.tls_key, http=False, client_ca=sip.tls_client_ca) \
+            if secure else None
+        await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,  # our certificate
+                                   tls.client_context(sip.tls_ca, *((sip.tls_cert, sip.tls_key) if secure else ())))
 
     def close(self) -> None:
         for call in list(self.calls.values()):
@@ -312,6 +314,13 @@ class UserAgent:
         forwarded = request.headers.get("x-gateway-source") if source.host in self.lb_sources else None
         return forwarded.strip() if forwarded else source.host
 
+    def _client_certified(self, trunk: TrunkConfig, source: Target) -> bool:
+        """Mutual TLS: the call came over TLS with a client certificate verified against sip.tls_client_ca (the
+        handshake refused a bad one) naming one of the trunk's tls_client_names (any name when none are set)."""
+        names = self.transport.peer_names(source) if self.transport is not None and source.transport == "tls" else []
+        wanted = {n.lower() for n in trunk.tls_client_names}
+        return bool(names) and (not wanted or bool(wanted & set(names)))
+
     def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int, str]:
         """The trunk a call comes from, or (None, status, why): 401 (challenge; why "stale" when the
         credentials were right but the nonce may not be used again), 400 (digest uri is not the
@@ -385,6 +394,12 @@ class UserAgent:
                 self._reject(request, txn, 403, "Forbidden")
                 self.refused["source_not_allowed"] += 1
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
+            return
+        if trunk.tls_client_certificate and not self._client_certified(trunk, source):
+            self._reject(request, txn, 403, "Forbidden", Warning='399 gateway "this trunk needs a TLS client certificate"')
+            self.refused["client_certificate"] += 1
+            log.event(logger, "call.refused", logging.WARNING, reason="client_certificate", trunk=trunk.name,
+                      names=",".join(self.transport.peer_names(source)) if self.transport else "", **fields)
             return
         ruri = request.ruri
         if request.body and request.content_type != "application/sdp":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import tls
 from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, tls_files, wait_until
 from tests.integration.baresip import Baresip
 from tests.integration.chaos_tools import ACME_NUMBER, trunk_config
@@ -148,3 +149,51 @@ def test_a_dial_out_over_tls_reaches_baresip_verified_and_joins_a_room(tmp_path:
                 stop_gateway(gw)
     finally:
         phone.close()
+
+
+def test_a_trunk_with_mutual_tls_takes_only_the_certificate_it_names(tmp_path: Path) -> None:
+    """The trunk "sbc" (127.0.0.1, baresip's address for TLS) needs a client certificate from sip.tls_client_ca
+    naming sbc.example: baresip with that one is answered; with another trusted certificate, or none, it gets
+    403 (logged with the reason and the names); an untrusted one is refused at the handshake."""
+    cert, key = tls_files(tmp_path)
+    clients = {}
+    for name in ("sbc.example", "other.example", "stranger.example"):  # self-signed, each its own trust anchor
+        tls.self_signed([name], tmp_path / name / "cert.pem", tmp_path / name / "key.pem")
+        clients[name] = tmp_path / name / "both.pem"
+        clients[name].write_bytes((tmp_path / name / "cert.pem").read_bytes() + (tmp_path / name / "key.pem").read_bytes())
+    trusted = b"".join((tmp_path / n / "cert.pem").read_bytes() for n in ("sbc.example", "other.example"))
+    (tmp_path / "client-ca.pem").write_bytes(trusted)
+    port = free_port()
+    sbc = ('\n[[trunks]]\nname = "sbc"\nsources = ["127.0.0.1/32"]\ntls_client_certificate = true\n'
+           'tls_client_names = ["sbc.example"]\n')
+    (tmp_path / "gw").mkdir()
+    gw = start_gateway(tmp_path / "gw", make_test_config(sbc), {
+        "GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(port),
+        "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key),
+        "GATEWAY_SIP_TLS_CLIENT_CA": str(tmp_path / "client-ca.pem")})
+    src = tmp_path / "tone.wav"
+    tone_wav(src, 1000.0, 30.0)
+    try:
+        for i, client in enumerate(("sbc.example", "other.example", None, "stranger.example")):
+            phone = Baresip(tmp_path / f"baresip{i}", src, record=False, ca_file=cert,
+                            certificate=clients[client] if client else None)
+            try:
+                phone.command("dial", f"sip:15550100001@127.0.0.1:{port};transport=tls")
+                if client == "stranger.example":  # no SIP answer at all: the handshake is refused
+                    wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in gw.log(), 20, "the handshake refused")
+                    continue
+                if client == "sbc.example":
+                    phone.wait_event("CALL_ESTABLISHED", 20)
+                    phone.command("hangup")
+                closed = phone.wait_event("CALL_CLOSED", 20)
+            finally:
+                phone.close()
+            if client != "sbc.example":
+                assert "403" in closed.get("param", ""), closed
+        refusals = [line for line in gw.log().splitlines() if '"reason": "client_certificate"' in line]
+        assert len(refusals) == 2 and "other.example" in refusals[0] and '"names": ""' in refusals[1], refusals
+        calls = gw.calls()
+        assert [(r["trunk"], r["transport"], r["answered_at"] is not None) for r in calls if r["answered_at"]] == [
+            ("sbc", "tls", True)], calls
+    finally:
+        stop_gateway(gw)

@@ -58,3 +58,36 @@ def test_sip_tls_needs_its_files_and_an_encrypted_key_is_refused(tmp_path: Path)
                                             serialization.BestAvailableEncryption(b"pass phrase")))
     with pytest.raises(ConfigError, match="pass phrase"):
         load_config(None, {"GATEWAY_HTTP_TLS_CERT": str(chain), "GATEWAY_HTTP_TLS_KEY": str(locked)})
+
+
+def test_we_show_our_certificate_to_a_trunk_that_asks_and_read_a_clients(tmp_path: Path) -> None:
+    """Mutual TLS both ways, in memory: our client context presents sip.tls_cert to a server that requires a
+    client certificate (a trunk doing mutual TLS on dial-out), and our server context with a client CA reads the
+    names of a client's certificate (a trunk calling in); a server without a client CA asks for none."""
+    import ssl
+
+    ours_cert, ours_key = tmp_path / "ours.pem", tmp_path / "ours.key"
+    tls.self_signed(["gw.example"], ours_cert, ours_key)
+    trunk_cert, trunk_key = tmp_path / "trunk.pem", tmp_path / "trunk.key"
+    tls.self_signed(["sbc.example"], trunk_cert, trunk_key)
+
+    def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> dict | None:  # type: ignore[type-arg]
+        s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        srv = server.wrap_bio(s_in, s_out, server_side=True)
+        cli = client.wrap_bio(c_in, c_out, server_hostname="sbc.example")
+        for _ in range(10):
+            for side in (cli, srv):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        return srv.getpeercert()
+
+    trunk_server = tls.server_context(str(trunk_cert), str(trunk_key), http=False, client_ca=str(ours_cert))
+    trunk_server.verify_mode = ssl.CERT_REQUIRED  # the trunk insists
+    client = tls.client_context(str(trunk_cert), str(ours_cert), str(ours_key))
+    assert tls.peer_names(handshake(trunk_server, client)) == ["gw.example"]
+    without = tls.server_context(str(trunk_cert), str(trunk_key), http=False)
+    assert without.verify_mode == ssl.CERT_NONE and tls.peer_names(handshake(without, client)) == []
