@@ -43,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         config.cluster.workers = args.workers
         config.cluster.max_workers = max(config.cluster.max_workers, args.workers)
+    if args.cluster_child and "tls" in config.sip.transports:  # Kamailio holds the TLS listener: workers stay inside
+        config.sip.transports = [t for t in config.sip.transports if t != "tls"]
     log.setup(config.log.level, config.log.format)
     from .worker import Worker
 
@@ -55,9 +57,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.cluster_child and (args.workers is not None or config.cluster.workers > 1):
         from .cluster.supervisor import Supervisor
 
-        if "tls" in config.sip.transports:  # every worker would bind sip.tls_port; Kamailio's TLS front: not yet
-            raise ConfigError("sip.transports: tls is for one worker for now (with --workers, terminate TLS in "
-                              "front of Kamailio)")
+        if "tls" in config.sip.transports and not config.cluster.kamailio:
+            raise ConfigError("sip.transports: tls with --workers is terminated by the Kamailio the gateway starts "
+                              "(cluster.kamailio = true); with your own balancer, terminate TLS there")
+        tls_trunks = [t.name for t in config.trunks for u in [t.outbound.proxy if t.outbound else "",
+                      t.register.registrar if t.register else ""] if u.startswith("sips:") or "transport=tls" in u]
+        if tls_trunks:
+            raise ConfigError(f"trunks {', '.join(tls_trunks)}: reached over TLS, which needs one worker for now "
+                              "(with --workers, TLS is terminated by Kamailio for inbound calls only)")
 
         path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         try:
@@ -107,7 +114,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_kamailio_config(args: argparse.Namespace) -> int:
-    from .cluster.supervisor import Supervisor, kamailio_files
+    from .cluster.supervisor import Supervisor, kamailio_files, kamailio_tls_file
 
     config = _config(args)
     sup = Supervisor(config, args.config, config.cluster.workers)
@@ -115,6 +122,9 @@ def cmd_kamailio_config(args: argparse.Namespace) -> int:
     print(cfg)
     print("# ---- dispatcher.list ----")
     print(dispatcher)
+    if "tls" in config.sip.transports:
+        print("# ---- tls.cfg ----")
+        print(kamailio_tls_file(config))
     return 0
 
 

@@ -78,6 +78,7 @@ class SessionTimer:
 class Call:
     direction = "inbound"
     encryption = "none"  # the trunk's media_encryption: none | optional | required (SRTP with SDES)
+    edge_transport = ""  # the transport the call reached the gateway on (TLS ends at Kamailio with --workers)
 
     def __init__(self, ua: CallHost, invite: Request, txn: ServerInviteTransaction | None, source: Target,
                  **info: Any) -> None:
@@ -258,7 +259,7 @@ class Call:
         """For the CDR and logs: the signalling transport and the media encryption (never a key)."""
         assert self.media is not None
         crypto = self.media.params.crypto
-        return {"transport": self.source.transport, "media_encryption": self.media.encryption,
+        return {"transport": self.edge_transport or self.source.transport, "media_encryption": self.media.encryption,
                 **({"srtp_suite": crypto.suite} if crypto is not None else {})}
 
     _our_offer = OurOffer()  # the transport and crypto lines of the SDP we sent last

@@ -314,12 +314,24 @@ class UserAgent:
         forwarded = request.headers.get("x-gateway-source") if source.host in self.lb_sources else None
         return forwarded.strip() if forwarded else source.host
 
-    def _client_certified(self, trunk: TrunkConfig, source: Target) -> bool:
+    def edge(self, request: Request, source: Target) -> tuple[str, list[str]]:
+        """The transport a request came in on and the names of its verified TLS client certificate: what our
+        balancer says (X-Gateway-Transport, X-Gateway-Client-Names: Kamailio ends TLS) when it came through one
+        (cluster.lb_sources), else our own connection's."""
+        if source.host in self.lb_sources:
+            said = (request.headers.get("x-gateway-transport") or "").strip().lower()
+            if said in ("udp", "tcp", "tls"):
+                names = [n.strip() for n in (request.headers.get("x-gateway-client-names") or "").lower().split(",")]
+                return said, [n for n in names if n and n != "<null>"] if said == "tls" else []
+        names = self.transport.peer_names(source) if self.transport is not None and source.transport == "tls" else []
+        return source.transport, names
+
+    @staticmethod
+    def _client_certified(trunk: TrunkConfig, transport: str, names: list[str]) -> bool:
         """Mutual TLS: the call came over TLS with a client certificate verified against sip.tls_client_ca (the
         handshake refused a bad one) naming one of the trunk's tls_client_names (any name when none are set)."""
-        names = self.transport.peer_names(source) if self.transport is not None and source.transport == "tls" else []
         wanted = {n.lower() for n in trunk.tls_client_names}
-        return bool(names) and (not wanted or bool(wanted & set(names)))
+        return transport == "tls" and bool(names) and (not wanted or bool(wanted & set(names)))
 
     def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int, str]:
         """The trunk a call comes from, or (None, status, why): 401 (challenge; why "stale" when the
@@ -366,7 +378,8 @@ class UserAgent:
         self.respond(txn, r)
 
     def _on_invite(self, request: Request, txn: ServerInviteTransaction, source: Target) -> None:
-        fields = {"source": f"{self.peer(request, source)}:{source.port}", "transport": source.transport,
+        transport, names = self.edge(request, source)
+        fields = {"source": f"{self.peer(request, source)}:{source.port}", "transport": transport,
                   "call_id": request.call_id}
         busy = "draining" if not self.accepting else "at_capacity" if len(self.calls) >= self.config.sip.max_calls \
             else "cpu_overload" if self.overloaded() else ""
@@ -395,11 +408,11 @@ class UserAgent:
                 self.refused["source_not_allowed"] += 1
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
             return
-        if trunk.tls_client_certificate and not self._client_certified(trunk, source):
+        if trunk.tls_client_certificate and not self._client_certified(trunk, transport, names):
             self._reject(request, txn, 403, "Forbidden", Warning='399 gateway "this trunk needs a TLS client certificate"')
             self.refused["client_certificate"] += 1
             log.event(logger, "call.refused", logging.WARNING, reason="client_certificate", trunk=trunk.name,
-                      names=",".join(self.transport.peer_names(source)) if self.transport else "", **fields)
+                      names=",".join(names), **fields)
             return
         ruri = request.ruri
         if request.body and request.content_type != "application/sdp":
@@ -421,23 +434,25 @@ class UserAgent:
             if not value.isdigit() or int(value) < self.config.sip.min_se:
                 self._reject(request, txn, 422, "Session Interval Too Small", Min_SE=str(self.config.sip.min_se))
                 return
-        self._start_call(request, txn, source, trunk, did)
+        self._start_call(request, txn, source, trunk, did, transport)
 
-    def _start_call(self, request: Request, txn: ServerInviteTransaction, source: Target, trunk: TrunkConfig, did: DidConfig) -> None:
+    def _start_call(self, request: Request, txn: ServerInviteTransaction, source: Target, trunk: TrunkConfig,
+                    did: DidConfig, transport: str) -> None:
         from_ = request.from_
         caller = from_.uri.user or from_.uri.host
         call = Call(self, request, txn, source, trunk=trunk.name, did=did.number, project=did.project, caller=caller,
                     route=did.route)
         call.encryption = trunk.media_encryption
+        call.edge_transport = transport
         self.calls[call.voice_id] = call
         self.calls_started += 1
         call.pending_key = id(txn)
         self.pending[id(txn)] = call
         self.cdr.open_call(call.voice_id, "inbound", **{"from": caller, "to": did.number, "did": did.number,
                            "trunk": trunk.name, "project": did.project, "source": f"{source.host}:{source.port}",
-                           "transport": source.transport, "call_id": request.call_id, "route": did.route})
+                           "transport": transport, "call_id": request.call_id, "route": did.route})
         log.event(logger, "call.initiated", voice_id=call.voice_id, did=did.number, trunk=trunk.name,
-                  caller=caller, route=did.route, transport=source.transport)
+                  caller=caller, route=did.route, transport=transport)
         self.on_call_event(call, "initiated", {"from": caller, "to": did.number, "route": did.route})
         try:
             if request.body:

@@ -185,17 +185,42 @@ class KeptProcess:
 
 
 def kamailio_files(config: Config, slots: list[Slot], run_dir: Path) -> tuple[str, str]:
-    """(kamailio.cfg, dispatcher.list) for the workers in `slots`."""
+    """(kamailio.cfg, dispatcher.list) for the workers in `slots`. With "tls" in sip.transports, Kamailio
+    terminates SIP over TLS on sip.tls_port (its tls module, `kamailio_tls_file`) and the workers stay on UDP."""
     sip = config.sip
-    listen = "\n".join(f"listen={t}:{sip.host}:{sip.port}" for t in sip.transports)
+    listen = "\n".join(f"listen={t}:{sip.host}:{sip.port}" for t in sip.transports if t != "tls")
+    tls_module = client_names = ""
+    if "tls" in sip.transports:
+        listen += f"\nlisten=tls:{sip.host}:{sip.tls_port}\nenable_tls=yes"
+        tls_module = f'loadmodule "tls.so"\nmodparam("tls", "config", "{run_dir / "tls.cfg"}")'
+        # a verified client certificate's names (its first DNS and IP subjectAltNames, its common name), for the
+        # workers' per-trunk mutual TLS; nothing when there is none (or it did not verify)
+        client_names = ('    if ($pr == "tls" && $tls_peer_verified == 1) {\n'
+                        '        append_hf("X-Gateway-Client-Names: $tls_peer_san_hostname,$tls_peer_san_ip,'
+                        '$tls_peer_subject_cn\\r\\n");\n    }')
     values = {"DEBUG": "1", "CHILDREN": "4", "LISTEN": listen, "HOST": sip.host, "PORT": str(sip.port),
               "MODULES": MODULES, "CTL_SOCKET": str(run_dir / "kamailio.ctl"), "FR_TIMER_MS": "1000",
-              "DISPATCHER_LIST": str(run_dir / "dispatcher.list"), "PING_INTERVAL_S": "2"}
+              "DISPATCHER_LIST": str(run_dir / "dispatcher.list"), "PING_INTERVAL_S": "2",
+              "TLS_MODULE": tls_module, "TLS_CLIENT_NAMES": client_names}
     text = TEMPLATE.read_text()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     dispatcher = "".join(f"1 sip:{sip.host}:{s.sip_port} 0 0\n" for s in slots)
     return text, dispatcher or "\n"
+
+
+def kamailio_tls_file(config: Config) -> str:
+    """Kamailio's tls.cfg: our certificate and key, TLS 1.2 and later; client certificates asked for and verified
+    against sip.tls_client_ca when it is set (one is not required: the workers decide per trunk)."""
+    sip = config.sip
+    lines = ["[server:default]", "method = TLSv1.2+", f"certificate = {sip.tls_cert}", f"private_key = {sip.tls_key}",
+             "require_certificate = no"]
+    if sip.tls_client_ca:
+        lines += ["verify_certificate = yes", f"ca_list = {sip.tls_client_ca}"]
+    else:
+        lines += ["verify_certificate = no"]
+    lines += ["", "[client:default]", "method = TLSv1.2+", "verify_certificate = yes", "require_certificate = yes"]
+    return "\n".join(lines) + "\n"
 
 
 class Supervisor:
@@ -303,6 +328,8 @@ class Supervisor:
 
     def _write_kamailio(self) -> None:
         cfg, dispatcher = kamailio_files(self.config, self._members(), self.run_dir)
+        if "tls" in self.config.sip.transports:
+            (self.run_dir / "tls.cfg").write_text(kamailio_tls_file(self.config))
         (self.run_dir / "kamailio.cfg").write_text(cfg)
         (self.run_dir / "dispatcher.list").write_text(dispatcher)
         self._listed = [s.sip_port for s in self._members()]

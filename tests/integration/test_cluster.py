@@ -31,6 +31,7 @@ from tests.conftest import (
     run_sipp,
     scenario,
     stop_process,
+    tls_files,
     wait_until,
 )
 from tests.integration.ivr_tools import ivr_scenario, rfc4733
@@ -93,12 +94,12 @@ def tone(tmp: Path) -> Path:
 
 
 def start_cluster(tmp: Path, workers: int = 2, env: dict[str, str] | None = None,
-                  hooks: HookServer | None = None) -> Cluster:
+                  hooks: HookServer | None = None, extra: str = "") -> Cluster:
     data = tmp / "data"
     sip, http, wsip = free_port(), free_port(count=4), free_port(count=4)
     rtp_low = port_block(2402)  # the workers' 2000 RTP ports, then Janus's 400
     cfg = tmp / "gateway.toml"
-    text = make_test_config()
+    text = make_test_config(extra)
     if hooks is not None:
         text = text.replace('notification_url = ""', f'notification_url = "{hooks.url}"', 1)
     cfg.write_text(text)
@@ -292,3 +293,51 @@ def test_autoscaler_adds_a_worker_under_load_and_retires_it_when_idle(tmp_path: 
     finally:
         stop_process(c.proc, signal.SIGINT, grace=30)
         alarms.stop()
+
+
+def test_kamailio_terminates_tls_with_mutual_tls_and_srtp_for_two_workers(tmp_path: Path) -> None:
+    """`--workers 2` with tls in sip.transports: Kamailio listens for TLS (its tls module, our certificate), the
+    workers stay on UDP behind it and learn the transport and the client certificate's names from Kamailio's
+    headers. baresip with the trunk's client certificate calls the echo DID over TLS with SRTP and hears itself
+    (the CDR says tls and srtp); without a certificate it gets 403 from the worker's per-trunk check."""
+    from gateway import tls
+    from tests.integration.baresip import Baresip
+    from tests.integration.test_baresip import dominant_frequency, tone_wav
+
+    cert, key = tls_files(tmp_path)
+    tls.self_signed(["sbc.example"], tmp_path / "sbc.pem", tmp_path / "sbc.key")
+    (tmp_path / "sbc-both.pem").write_bytes((tmp_path / "sbc.pem").read_bytes() + (tmp_path / "sbc.key").read_bytes())
+    tls_port = free_port()
+    trunk = ('\n[[trunks]]\nname = "sbc"\nsources = ["127.0.0.1/32"]\nmedia_encryption = "required"\n'
+             'tls_client_certificate = true\ntls_client_names = ["sbc.example"]\n')
+    c = start_cluster(tmp_path, extra=trunk, env={
+        "GATEWAY_SIP_TRANSPORTS": '["udp", "tcp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(tls_port),
+        "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key),
+        "GATEWAY_SIP_TLS_CLIENT_CA": str(tmp_path / "sbc.pem")})
+    src = tmp_path / "tone.wav"
+    tone_wav(src, 1000.0, 30.0)
+    try:
+        wait_until(lambda: c.health(1) is not None and c.health(2) is not None, 30, "both workers")
+        for i, certificate in enumerate((tmp_path / "sbc-both.pem", None)):
+            phone = Baresip(tmp_path / f"baresip{i}", src, ca_file=cert, certificate=certificate,
+                            mediaenc="srtp-mand")
+            try:
+                phone.command("dial", f"sip:{ECHO_DID}@127.0.0.1:{tls_port};transport=tls")
+                if certificate is not None:
+                    phone.wait_event("CALL_ESTABLISHED", 20)
+                    time.sleep(3)  # the scenario itself: talk for 3 s
+                    phone.command("hangup")
+                closed = phone.wait_event("CALL_CLOSED", 20)
+            finally:
+                phone.close()
+            if certificate is None:
+                assert "403" in closed.get("param", ""), closed
+        rows = wait_until(lambda: [r for r in c.calls() if r["state"] == "disconnected" and r["answered_at"]], 20,
+                          "the answered call's CDR closed")
+        assert [(r["trunk"], r["transport"], r["media_encryption"]) for r in rows] == [("sbc", "tls", "srtp")], rows
+        recorded = [p for p in (tmp_path / "baresip0" / "rec").glob("*.wav") if "dec" in p.name]
+        freq, rms = dominant_frequency(recorded[0])
+        assert abs(freq - 1000) < 20 and rms > 1000, (freq, rms)
+        assert '"reason": "client_certificate"' in c.log(), "the refusal said in the worker's log"
+    finally:
+        stop_process(c.proc, signal.SIGINT, grace=30)
