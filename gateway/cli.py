@@ -208,7 +208,7 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
     try:
         project = store.create(args.name, numbers, notification_url=args.notification_url or "",
                                trunk=args.trunk or "", welcome_text=args.welcome_text or "",
-                               voice_type=args.voice_type, language=args.language)
+                               voice_type=args.voice_type, language=args.language, auto_record=args.auto_record)
     except ValueError as exc:
         print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
         return 1
@@ -376,6 +376,8 @@ def parser() -> argparse.ArgumentParser:
     pcreate.add_argument("--notification-url", help="default webhook for the project's calls")
     pcreate.add_argument("--trunk", help="outbound trunk (default: the first with [trunks.outbound])")
     pcreate.add_argument("--welcome-text", help="greeting for the project's inbound calls")
+    pcreate.add_argument("--auto-record", action="store_true",
+                         help="record the project's inbound calls from answer to hang-up (voice.inbound.auto_record)")
     pcreate.add_argument("--voice-type", choices=["female", "male"], default="female", help="prompt voice")
     pcreate.add_argument("--language", default="en-US", help="prompt language (prompts/<language>.toml)")
     pcreate.set_defaults(func=cmd_projects_create)

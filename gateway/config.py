@@ -205,6 +205,14 @@ class WebhookConfig:
 
 
 @dataclass
+class RecordingsConfig:
+    """Call recordings: two-channel WAV per call under DATA_DIR/recordings/PROJECT/ (issue 14)."""
+
+    max_age_days: int = 0  # recordings older than this are deleted (swept hourly); 0 = kept until deleted
+    flush_s: int = 1  # the writer thread appends what the media clock gathered this often (seconds)
+
+
+@dataclass
 class ClusterConfig:
     """Scale-out: `gateway run --workers N` runs N workers behind Kamailio with a shared registry in Redis."""
 
@@ -326,6 +334,7 @@ class ProjectConfig:
     voice_type: str = "female"
     language: str = "en-US"
     notification_url: str = ""  # default webhook for the project's calls
+    auto_record: bool = False  # voice.inbound.auto_record: record the project's inbound calls from answer to hang-up
 
 
 @dataclass
@@ -342,6 +351,7 @@ class Config:
     menu: MenuConfig = field(default_factory=MenuConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    recordings: RecordingsConfig = field(default_factory=RecordingsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     janus: JanusConfig = field(default_factory=JanusConfig)
     trunks: list[TrunkConfig] = field(
@@ -475,6 +485,8 @@ def _validate(c: Config) -> None:
                 ssl.create_default_context().load_verify_locations(cafile=getattr(c.sip, key))
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError(f"sip.{key}: {exc}") from None
+    if c.recordings.max_age_days < 0 or not 1 <= c.recordings.flush_s <= 60:
+        raise ConfigError("recordings.max_age_days (>= 0) / recordings.flush_s (1-60): out of range")
     for i, t in enumerate(c.trunks):
         if (t.tls_client_certificate or t.tls_client_names) and not ("tls" in c.sip.transports and c.sip.tls_client_ca):
             raise ConfigError(f"trunks[{i}].tls_client_certificate: mutual TLS needs tls in sip.transports and "

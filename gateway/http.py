@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import tls
 from .adapters.clock import MediaClock
+from .api.recordings import Recordings
 from .api.voice import VoiceApi
 from .calls.registration import Registration
 from .calls.ua import UserAgent
@@ -30,6 +31,7 @@ class Served(Protocol):
     clock: MediaClock
     metrics: Metrics
     api: VoiceApi
+    recordings: Recordings
     registry: CallRegistry
     connector: JanusRoomConnector | None
 
@@ -70,4 +72,5 @@ def make_app(worker: Served) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     worker.api.routes(app)
+    worker.recordings.routes(app)
     return app

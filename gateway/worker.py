@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from . import log, tls
 from .adapters.clock import MediaClock
+from .api.recordings import Recordings
 from .api.voice import VoiceApi
 from .api.webhooks import Notifier
 from .apps.echo import echo
@@ -36,6 +38,7 @@ from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory, 
 from .rooms.service.server import service_secrets
 from .store.cdr import CdrStore
 from .store.projects import ProjectStore
+from .store.recordings import RecordingStore
 from .store.rooms import RoomStore
 
 logger = logging.getLogger("gateway.worker")
@@ -81,6 +84,9 @@ class Worker:
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
         self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.recording_store = RecordingStore(config.data_dir, name, config.recordings.flush_s, self._soon)
+        self.recordings = Recordings(self.api, self.recording_store, self.notifier)
         self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
         self._workers_alive = 1
@@ -105,9 +111,15 @@ class Worker:
         project = self.projects.by_number(number)
         return None if project is None else DidConfig(number=number, route="api", project=project.name)
 
+    def _soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the event loop (from another thread: the recordings writer)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn)
+
     def _on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
-        """Every recorded call event: webhooks, metrics, the shared registry."""
+        """Every recorded call event: webhooks, recordings, metrics, the shared registry."""
         self.api.on_call_event(call, state, data)
+        self.recordings.on_call_event(call, state, data)
         self.metrics.on_call_event(call, state, data)
         if state == "disconnected":
             self.registry.ended(call.voice_id)
@@ -116,9 +128,14 @@ class Worker:
             self.registry.update(call.voice_id, state=state, room_id=str(room), project=str(call.info.get("project", "")))
 
     async def _housekeeping(self) -> None:
-        """Once a second: this process's CPU use (admission), the registry's view of the cluster (metrics)."""
+        """Once a second: this process's CPU use (admission), the registry's view of the cluster (metrics); once an
+        hour, recordings past their retention."""
+        sweep_at = time.monotonic() + 60
         while True:
             await asyncio.sleep(1.0)
+            if time.monotonic() >= sweep_at and self.config.recordings.max_age_days > 0:
+                sweep_at = time.monotonic() + 3600
+                await asyncio.to_thread(self.recording_store.sweep, self.config.recordings.max_age_days)
             now, cpu = time.monotonic(), time.process_time()
             then, cpu_then = self._cpu
             if now - then >= 2.0:
@@ -150,8 +167,10 @@ class Worker:
             log.event(logger, "cdr.closed_stale", logging.WARNING, count=len(stale))
         if self.janus is not None:
             self._tasks.append(await supervise_janus(self.janus))
+        self._loop = asyncio.get_running_loop()
         self.clock.start()
         self.notifier.start()
+        self.recordings.repair()  # this worker's recordings cut short by a crash: fixed and announced
         await self.registry.start()
         self.metrics.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
@@ -212,6 +231,8 @@ class Worker:
         self.ua.close()
         if tasks:  # let each call finish its hang-up path (leave its room, close its CDR)
             await asyncio.wait(tasks, timeout=5)
+        await asyncio.to_thread(self.recording_store.flush, 10.0)  # recordings finalised ...
+        await asyncio.sleep(0)  # ... and announced (CDR, webhooks) before those close
         if self.connector is not None:
             await self.connector.close()
         if self.janus is not None:
@@ -223,6 +244,7 @@ class Worker:
         await self.cdr_alarm.close()
         await self.api.close()
         await self.registry.close()
+        self.recording_store.close()
         self.cdr.close()
         (self.config.data_dir / "workers" / f"{self.name}.json").unlink(missing_ok=True)
         self.projects.close()

@@ -80,15 +80,25 @@ def free_port(kind: str = "both", count: int = 1) -> int:
     low, high = port_share("single")
     for _ in range(200):
         base = random.randint(low, high - count)
+        if any(port in _HANDED for port in range(base, base + count)):
+            continue  # given out already: free now, but two of a test's ports must never be the same one
         try:
             for port in range(base, base + count):
                 for typ in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
                     with socket.socket(socket.AF_INET, typ) as s:
                         s.bind(("127.0.0.1", port))
+            for port in range(base, base + count):
+                _HANDED[port] = None
+                while len(_HANDED) > HANDED_KEPT:
+                    del _HANDED[next(iter(_HANDED))]
             return base
         except OSError:
             continue
     raise RuntimeError("no free port")
+
+
+HANDED_KEPT = 500  # the ports free_port gave out last in this process, never given again while kept: a test's
+_HANDED: dict[int, None] = {}  # ports (a few dozen at most) must differ, and the share holds thousands
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]

@@ -69,6 +69,7 @@ class RtpSession(asyncio.DatagramProtocol):
         self._key_used = False  # whether an outbound context was made with local_key
         self.srtp: SrtpContext | None = None
         self.require_srtp = False  # the trunk requires SRTP: nothing is taken before the keys are known
+        self.tap: Callable[[bytes | None, bytes | None], None] | None = None  # each tick's frames, both ways
         self._key(params)
 
     def _key(self, params: MediaParams) -> None:
@@ -214,6 +215,8 @@ class RtpSession(asyncio.DatagramProtocol):
         self.ts = (self.ts + FRAME) & 0xFFFFFFFF
         if out is not None and self.sending:
             self.send_payload(out, self.params.payload_type, self.ts)
+        if self.tap is not None:  # a recording: what the caller sent, what the caller heard
+            self.tap(frame, out if self.sending else None)
 
     def send_payload(self, payload: bytes, pt: int, ts: int, marker: bool = False) -> None:
         target = self.guard.target

@@ -16,6 +16,8 @@ def _ok(schema: str, description: str) -> dict[str, Any]:
 _ROOM = {"name": "room_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64},
          "description": "the room (PUT also takes `new`: a new room is created first)"}
 _VOICE = {"name": "voice_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+_RECORDING = {"name": "recording_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64},
+              "description": "32 hex digits, as `recording_started`/`recording_ready` and the listing say"}
 _COMMON = {"401": _error("missing or wrong credentials (the EnableX table says 407; HTTP reserves 407 for proxies)"),
            "400": _error("invalid input: `error.field` names the field"),
            "404": _error("room_id or voice_id not found in this project"),
@@ -80,6 +82,62 @@ OPENAPI: dict[str, Any] = {
                               "429": _COMMON["429"]},
             }
         },
+        "/voice/v1/call/{voice_id}/recording": {
+            "post": {
+                "summary": "Start recording a live, answered call: two channels (the caller; what the caller hears)",
+                "parameters": [_VOICE],
+                "responses": {"200": _ok("RecordingState", "recording"), "401": _COMMON["401"],
+                              "404": _COMMON["404"], "429": _COMMON["429"],
+                              "409": _error("not answered yet (call_not_answered), being recorded already "
+                                            "(already_recording), or ended (call_ended)")},
+            },
+            "delete": {
+                "summary": "Stop recording the call: the file is finalised, then `recording_ready` is posted",
+                "parameters": [_VOICE],
+                "responses": {"200": _ok("RecordingState", "stopped"), "401": _COMMON["401"],
+                              "404": _COMMON["404"], "429": _COMMON["429"],
+                              "409": _error("not being recorded (not_recording), or ended (call_ended)")},
+            },
+        },
+        "/voice/v1/recordings": {
+            "get": {
+                "summary": "The project's recordings, newest first",
+                "parameters": [{"name": "voice_id", "in": "query", "required": False,
+                                "schema": {"type": "string", "maxLength": 64}}],
+                "responses": {"200": _ok("RecordingList", "recordings"), "401": _COMMON["401"],
+                              "429": _COMMON["429"]},
+            }
+        },
+        "/voice/v1/recordings/{recording_id}": {
+            "get": {
+                "summary": "One recording's metadata",
+                "parameters": [_RECORDING],
+                "responses": {"200": _ok("Recording", "the recording"), "401": _COMMON["401"],
+                              "404": _error("no such recording in this project"), "429": _COMMON["429"]},
+            },
+            "delete": {
+                "summary": "Delete a finished recording",
+                "parameters": [_RECORDING],
+                "responses": {"200": {"description": "deleted", "content": {"application/json": {"schema": {
+                                  "type": "object", "required": ["deleted"], "properties": {
+                                      "deleted": {"type": "boolean"}, "recording_id": {"type": "string"}}}}}},
+                              "401": _COMMON["401"], "404": _error("no such recording in this project"),
+                              "409": _error("still recording (recording_in_progress)"), "429": _COMMON["429"]},
+            },
+        },
+        "/voice/v1/recordings/{recording_id}/file": {
+            "get": {
+                "summary": "The recording: WAV, PCM 16-bit, 8 kHz, two channels (Range requests: 206)",
+                "parameters": [_RECORDING],
+                "responses": {"200": {"description": "the file", "content": {"audio/wav": {"schema": {
+                                  "type": "string", "format": "binary"}}}},
+                              "206": {"description": "the requested range", "content": {"audio/wav": {"schema": {
+                                  "type": "string", "format": "binary"}}}},
+                              "401": _COMMON["401"], "404": _error("no such recording in this project"),
+                              "409": _error("not finished, or failed (recording_not_ready)"),
+                              "416": {"description": "a range outside the file"}, "429": _COMMON["429"]},
+            }
+        },
         "/voice/v1/openapi.json": {
             "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}, "401": _COMMON["401"],
                                                               "429": _COMMON["429"]}}
@@ -113,6 +171,18 @@ OPENAPI: dict[str, Any] = {
                 "started_at": {"type": "number"}, "answered_at": {"type": "number", "nullable": True},
                 "ended_at": {"type": "number", "nullable": True}, "phase": {"type": "string"},
                 "events": {"type": "array", "items": {"type": "object"}}}},
+            "RecordingState": {"type": "object", "required": ["state", "voice_id", "recording_id"], "properties": {
+                "state": {"type": "string", "enum": ["recording", "stopped"]}, "voice_id": {"type": "string"},
+                "recording_id": {"type": "string"}, "timestamp": {"type": "string", "format": "date-time"}}},
+            "Recording": {"type": "object", "required": ["id", "voice_id", "state"], "properties": {
+                "id": {"type": "string"}, "voice_id": {"type": "string"}, "room_id": {"type": "string", "nullable": True},
+                "state": {"type": "string", "enum": ["recording", "ready", "repaired", "failed"]},
+                "format": {"type": "string"}, "channels": {"type": "integer"}, "rate": {"type": "integer"},
+                "started_at": {"type": "number"}, "ended_at": {"type": "number"}, "duration_s": {"type": "number"},
+                "size": {"type": "integer"}, "sha256": {"type": "string"}, "error": {"type": "string"},
+                "url": {"type": "string"}}},
+            "RecordingList": {"type": "object", "required": ["recordings"], "properties": {
+                "recordings": {"type": "array", "items": {"$ref": "#/components/schemas/Recording"}}}},
             "CallList": {"type": "object", "required": ["calls"], "properties": {
                 "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}}}},
         },

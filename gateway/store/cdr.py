@@ -318,7 +318,7 @@ class CdrStore:
                 "UPDATE calls SET state=?, ended_at=?, sip_code=?, reason=? WHERE voice_id=? AND state != ?",
                 (state, ts, data.get("code"), _text(data.get("reason")), voice_id, FINAL),
             )
-        elif state != "initiated":
+        elif state != "initiated" and not state.startswith("recording_"):  # a recording's events: not the call's state
             db.execute("UPDATE calls SET state=?, room_id=COALESCE(?, room_id), "
                        "media_encryption=COALESCE(?, media_encryption) WHERE voice_id=? AND state != ?",
                        (state, _text(data.get("room_id")), _text(data.get("media_encryption")), voice_id, FINAL))

@@ -77,6 +77,7 @@ class Project:
     language: str = "en-US"
     notification_url: str = ""
     trunk: str = ""  # the outbound trunk; empty = the first trunk with [trunks.outbound]
+    auto_record: bool = False  # voice.inbound.auto_record: its inbound calls are recorded from answer to hang-up
     webhook_secret: str = field(default="", repr=False)  # signs the project's webhooks
     key_hash: str = field(default="", repr=False)
     key_fingerprint: str = ""  # the first 8 hex digits of SHA-256(app_key): tells keys apart, reveals nothing usable
@@ -85,7 +86,7 @@ class Project:
         out: dict[str, Any] = {"app_id": self.app_id, "name": self.name,
                                "numbers": [n.public() for n in self.numbers],
                                "inbound": {"welcome_text": self.welcome_text, "voice_type": self.voice_type,
-                                           "language": self.language},
+                                           "language": self.language, "auto_record": self.auto_record},
                                "notification_url": self.notification_url, "trunk": self.trunk,
                                "app_key_fingerprint": self.key_fingerprint}
         if with_key:
@@ -96,7 +97,8 @@ class Project:
 
     def settings(self) -> ProjectConfig:
         return ProjectConfig(name=self.name, welcome_text=self.welcome_text, voice_type=self.voice_type,
-                             language=self.language, notification_url=self.notification_url)
+                             language=self.language, notification_url=self.notification_url,
+                             auto_record=self.auto_record)
 
     def can_call_from(self, number: str) -> bool:
         wanted = number.lstrip("+")
@@ -260,6 +262,7 @@ class ProjectStore:
                 assert project is not None
         project.welcome_text, project.voice_type = config.welcome_text, config.voice_type
         project.language = config.language
+        project.auto_record = config.auto_record or project.auto_record
         project.notification_url = config.notification_url or project.notification_url
         self._save(project)
         return project

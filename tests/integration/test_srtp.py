@@ -232,7 +232,6 @@ def test_a_dial_out_to_a_tls_and_srtp_trunk_joins_a_room(secure: Secure) -> None
         "DELETE", f"/voice/v1/room/{room['room_id']}/call/{body['voice_id']}")
     assert status == 200, status
     secure.far.wait_event("CALL_CLOSED", 20)
-    assert "sips:15551230001@127.0.0.1" in (secure.far.dir / "baresip.log").read_text(), "a sips: Request-URI"
     row = wait_until(lambda: gw.cdr(body["voice_id"]) if gw.cdr(body["voice_id"])["state"] == "disconnected"
                      else None, 20, "the dial-out's CDR closed")
     assert (row["transport"], row["media_encryption"]) == ("tls", "srtp"), row

@@ -31,6 +31,7 @@ CALLS = int(os.environ.get("BENCH_CALLS", "100"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "20"))
 SUITE = "AES_CM_128_HMAC_SHA1_80"
 SECURE_SOURCE = "127.0.0.5"
+ECHO_DID = "15550100001"
 
 
 @pytest.fixture
@@ -73,8 +74,8 @@ class Leg(asyncio.DatagramProtocol):
 class Caller(asyncio.DatagramProtocol):
     """SIP over one UDP socket for all calls of one kind; answers are matched by Call-ID."""
 
-    def __init__(self, host: str, gw: tuple[str, int]) -> None:
-        self.host, self.gw = host, gw
+    def __init__(self, host: str, gw: tuple[str, int], did: str = ECHO_DID) -> None:
+        self.host, self.gw, self.did = host, gw, did
         self.transport: asyncio.DatagramTransport | None = None
         self.waiting: dict[str, asyncio.Future[str]] = {}
 
@@ -92,7 +93,7 @@ class Caller(asyncio.DatagramProtocol):
 
     def request(self, method: str, call_id: str, cseq: int, to: str, body: str = "") -> asyncio.Future[str]:
         port = self.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-        lines = [f"{method} sip:15550100001@{self.gw[0]}:{self.gw[1]} SIP/2.0",
+        lines = [f"{method} sip:{self.did}@{self.gw[0]}:{self.gw[1]} SIP/2.0",
                  f"Via: SIP/2.0/UDP {self.host}:{port};rport;branch=z9hG4bK{uuid.uuid4().hex}",
                  "Max-Forwards: 70", f"From: <sip:bench@{self.host}>;tag={call_id[:8]}", f"To: {to}",
                  f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", f"Contact: <sip:bench@{self.host}:{port}>"]
@@ -115,7 +116,7 @@ async def place(caller: Caller, leg: Leg) -> tuple[str, str]:
     sdp = (f"v=0\r\no=- 1 1 IN IP4 {caller.host}\r\ns=-\r\nc=IN IP4 {caller.host}\r\nt=0 0\r\n"
            f"m=audio {port} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\n{crypto}a=sendrecv\r\n")
     call_id = uuid.uuid4().hex
-    answer = await asyncio.wait_for(caller.request("INVITE", call_id, 1, "<sip:15550100001@gw>", sdp), 30)
+    answer = await asyncio.wait_for(caller.request("INVITE", call_id, 1, f"<sip:{caller.did}@gw>", sdp), 30)
     assert answer.startswith("SIP/2.0 200"), answer.split("\r\n", 1)[0]
     to = re.search(r"(?im)^(?:To|t):\s*(.+?)\r$", answer).group(1)  # type: ignore[union-attr]
     media = re.search(r"(?m)^m=audio (\d+) (\S+)", answer)
@@ -130,11 +131,11 @@ async def place(caller: Caller, leg: Leg) -> tuple[str, str]:
     return call_id, to
 
 
-async def run_calls(gw: Gateway, host: str, srtp: bool) -> tuple[float, int, list[Leg]]:
+async def run_calls(gw: Gateway, host: str, srtp: bool, did: str = ECHO_DID) -> tuple[float, int, list[Leg]]:
     """CALLS echo calls held SECONDS; the worker's CPU seconds and the call-seconds in the measured window."""
     loop = asyncio.get_running_loop()
     gw_addr = ("127.0.0.1", gw.sip_port)
-    caller = Caller(host, gw_addr)
+    caller = Caller(host, gw_addr, did)
     await loop.create_datagram_endpoint(lambda: caller, local_addr=(host, 0))
     legs = [Leg(srtp) for _ in range(CALLS)]
     payload = bytes([0xFF, 0x7F] * 80)

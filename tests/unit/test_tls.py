@@ -91,3 +91,21 @@ def test_we_show_our_certificate_to_a_trunk_that_asks_and_read_a_clients(tmp_pat
     assert tls.peer_names(handshake(trunk_server, client)) == ["gw.example"]
     without = tls.server_context(str(trunk_cert), str(trunk_key), http=False)
     assert without.verify_mode == ssl.CERT_NONE and tls.peer_names(handshake(without, client)) == []
+
+
+def test_a_sips_proxy_gets_a_sips_request_uri_and_a_sips_dialog_a_sips_contact() -> None:
+    """RFC 3261 12.1.1 and RFC 5630: a sips: Request-URI means TLS all the way, and our Contact says sips: (no
+    transport=tls); a sip: one over TLS keeps sip: with transport=tls."""
+    from types import SimpleNamespace
+
+    from gateway.calls.outbound import request_uri
+    from gateway.calls.ua import UserAgent
+    from gateway.config import Config
+    from gateway.sip.message import SipUri
+
+    assert request_uri("+15551230001", SipUri.parse("sips:sbc.example")) == "sips:+15551230001@sbc.example"
+    assert request_uri("15551230001", SipUri.parse("sip:sbc.example:5070")) == "sip:15551230001@sbc.example:5070"
+    ua = SimpleNamespace(stack=SimpleNamespace(local={"tls": ("127.0.0.1", 5061)}), config=Config())
+    assert UserAgent.contact(ua, "tls", sips=True) == "<sips:gateway@127.0.0.1:5061>"  # type: ignore[arg-type]
+    assert UserAgent.contact(ua, "tls") == "<sip:gateway@127.0.0.1:5061;transport=tls>"  # type: ignore[arg-type]
+    assert UserAgent.contact(ua, "udp", sips=True) == "<sip:gateway@127.0.0.1:5060>"  # type: ignore[arg-type]
