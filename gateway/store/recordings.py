@@ -185,11 +185,11 @@ class RecordingStore:
 
     def _append(self, rec: Recording, frames: list[bytes]) -> None:
         assert rec._wav is not None
-        caller = g711.decode(rec.codec, b"".join(frames[0::2]))
-        heard = g711.decode(rec.codec, b"".join(frames[1::2]))
-        stereo = np.empty(2 * len(caller), dtype="<i2")
-        stereo[0::2], stereo[1::2] = caller, heard
-        rec._wav.writeframes(stereo.tobytes())  # and the header's sizes: a crash loses at most this append
+        # frames alternate caller, heard: the bytes go (tick, channel, sample) -> (tick, sample, channel), then one
+        # table lookup decodes them into interleaved PCM16 (about 0.1 ms of CPU per call-second)
+        raw = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(-1, 2, FRAME).transpose(0, 2, 1)
+        pcm = np.take(g711.ULAW_DECODE if rec.codec == "PCMU" else g711.ALAW_DECODE, raw)
+        rec._wav.writeframes(pcm.astype("<i2", copy=False).tobytes())  # and the header: a crash loses at most this
 
     def _finish(self, rec: Recording, reason: str) -> None:
         assert rec._wav is not None
