@@ -231,6 +231,10 @@ class ClusterConfig:
     # Balancer addresses whose X-Gateway-Source header (the caller's IP) is trusted; the supervisor adds its
     # own Kamailio's address for the workers it starts.
     lb_sources: list[str] = field(default_factory=list)
+    # whether the balancer at lb_sources also says the transport and a TLS client certificate's names
+    # (X-Gateway-Transport, X-Gateway-Client-Names, stripped from what callers send): set for the workers of the
+    # Kamailio the gateway starts; turn on for your own balancer only if it does the same
+    lb_tls_headers: bool = False
 
 
 @dataclass

@@ -41,15 +41,37 @@ def server_context(cert: str, key: str, http: bool = True, client_ca: str = "") 
     return ctx
 
 
+def for_clients(cert: str) -> bool:
+    """Whether a certificate may authenticate a client (its extendedKeyUsage has clientAuth, or it has none): only
+    then do we show it to a trunk that asks (one that merely asks would refuse a server-only certificate)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    leaf = x509.load_pem_x509_certificate(_blocks(Path(cert).read_text())[0].encode())
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+def name_key(name: str) -> str:
+    """A certificate or configured name compared as it means: IP addresses in one form (2001:db8::1), names lower."""
+    try:
+        return ipaddress.ip_address(name.strip()).compressed
+    except ValueError:
+        return name.strip().lower()
+
+
 def peer_names(cert: dict[str, Any] | None) -> list[str]:
     """The names a verified peer certificate (`SSLObject.getpeercert()`) vouches for: its DNS and IP
     subjectAltNames, else its subject's common name (lower-cased). [] without a certificate."""
     if not cert:
         return []
-    names = [str(v).lower() for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+    names = [name_key(str(v)) for k, v in cert.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
     if names:
         return names
-    return [str(v).lower() for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return [name_key(str(v)) for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
 
 
 def _blocks(pem: str) -> list[str]:

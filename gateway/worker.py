@@ -170,7 +170,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self.clock.start()
         self.notifier.start()
-        self.recordings.repair()  # this worker's recordings cut short by a crash: fixed and announced
+        await self.recordings.repair()  # this worker's recordings cut short by a crash: fixed and announced
         await self.registry.start()
         self.metrics.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))

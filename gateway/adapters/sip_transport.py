@@ -171,10 +171,11 @@ class SipTransport:
             conn.send(data)
 
     def peer_names(self, source: Target) -> list[str]:
-        """The names of the verified client certificate on the TLS connection `source` came in on ([] when
-        there is none, or the message did not come over TLS)."""
+        """The names of the verified certificate of the TLS peer `source` came from: a client's that connected to
+        us, or the server's we connected to (verified for its name: e.g. a trunk we registered with over TLS,
+        whose INVITEs come back on that connection); [] when there is none, or the message did not come over TLS."""
         conn = self.connections.get(source.conn) if source.conn is not None else None
-        return conn.peer_names if conn is not None and conn.name == "tls" and not conn.outbound else []
+        return conn.peer_names if conn is not None and conn.name == "tls" else []
 
     # -- TCP connection caps
     def _open(self, conn: _TcpConnection) -> bool:
@@ -256,7 +257,7 @@ class _TcpConnection(asyncio.Protocol):
         # inbound TLS: the session in memory (asyncio's SSL transports would do the handshake before the caps
         # and tell no one of a failed one; uvloop reads before a pause in connection_made could stop it)
         self._tls: ssl.SSLObject | None = None
-        self.peer_names: list[str] = []  # inbound TLS: the names of the client's certificate (verified), if any
+        self.peer_names: list[str] = []  # TLS: the names of the peer's verified certificate, if any
         self._in: ssl.MemoryBIO | None = None
         self._out: ssl.MemoryBIO | None = None
         self._secured = False
@@ -265,6 +266,8 @@ class _TcpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
+        if self.outbound and self.name == "tls":  # asyncio ran the handshake: the server's verified certificate
+            self.peer_names = tls.peer_names(transport.get_extra_info("peercert"))
         if not self.owner._open(self):
             self.transport.abort()
             return

@@ -15,6 +15,7 @@ not exist.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,8 @@ class Recordings:
         project = str(call.info.get("project", ""))
         url = str(call.info.get("event_url") or "")
         room = call.control.room_id if call.control is not None else None
-        recording = self.store.start(project, call.voice_id, call.media.params.codec,
+        media = call.media
+        recording = self.store.start(project, call.voice_id, lambda: media.params.codec,
                                      lambda meta: self._done(meta, url), room_id=room or call.info.get("room_id"))
         call.media.tap = recording.frame
         self.active[call.voice_id] = recording
@@ -92,9 +94,10 @@ class Recordings:
                 **({"repaired": True} if meta["state"] == "repaired" else {}),
                 **({"url": f"/voice/v1/recordings/{meta['id']}/file"} if state == "recording_ready" else {})})
 
-    def repair(self) -> None:
-        """At start: this worker's recordings cut short by a crash, repaired and announced like finished ones."""
-        for meta in self.store.repair():
+    async def repair(self) -> None:
+        """At start: this worker's recordings cut short by a crash, repaired (in a thread: it reads and hashes
+        files) and announced like finished ones."""
+        for meta in await asyncio.to_thread(self.store.repair):
             self._done(meta)
 
     # -- routes

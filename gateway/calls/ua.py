@@ -98,8 +98,9 @@ class UserAgent:
         secure = "tls" in sip.transports
         tls_server = tls.server_context(sip.tls_cert, sip.tls_key, http=False, client_ca=sip.tls_client_ca) \
             if secure else None
-        await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,  # our certificate
-                                   tls.client_context(sip.tls_ca, *((sip.tls_cert, sip.tls_key) if secure else ())))
+        ours = (sip.tls_cert, sip.tls_key) if secure and tls.for_clients(sip.tls_cert) else ()  # shown if asked
+        await self.transport.start(sip.host, sip.port, sip.transports, sip.tls_port, tls_server,
+                                   tls.client_context(sip.tls_ca, *ours))
 
     def close(self) -> None:
         for call in list(self.calls.values()):
@@ -318,10 +319,10 @@ class UserAgent:
         """The transport a request came in on and the names of its verified TLS client certificate: what our
         balancer says (X-Gateway-Transport, X-Gateway-Client-Names: Kamailio ends TLS) when it came through one
         (cluster.lb_sources), else our own connection's."""
-        if source.host in self.lb_sources:
+        if self.config.cluster.lb_tls_headers and source.host in self.lb_sources:
             said = (request.headers.get("x-gateway-transport") or "").strip().lower()
             if said in ("udp", "tcp", "tls"):
-                names = [n.strip() for n in (request.headers.get("x-gateway-client-names") or "").lower().split(",")]
+                names = [tls.name_key(n) for n in (request.headers.get("x-gateway-client-names") or "").split(",")]
                 return said, [n for n in names if n and n != "<null>"] if said == "tls" else []
         names = self.transport.peer_names(source) if self.transport is not None and source.transport == "tls" else []
         return source.transport, names
@@ -330,7 +331,7 @@ class UserAgent:
     def _client_certified(trunk: TrunkConfig, transport: str, names: list[str]) -> bool:
         """Mutual TLS: the call came over TLS with a client certificate verified against sip.tls_client_ca (the
         handshake refused a bad one) naming one of the trunk's tls_client_names (any name when none are set)."""
-        wanted = {n.lower() for n in trunk.tls_client_names}
+        wanted = {tls.name_key(n) for n in trunk.tls_client_names}
         return transport == "tls" and bool(names) and (not wanted or bool(wanted & set(names)))
 
     def _trunk_for(self, request: Request, source: Target) -> tuple[TrunkConfig | None, int, str]:
@@ -409,7 +410,7 @@ class UserAgent:
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
             return
         if trunk.tls_client_certificate and not self._client_certified(trunk, transport, names):
-            self._reject(request, txn, 403, "Forbidden", Warning='399 gateway "this trunk needs a TLS client certificate"')
+            self._reject(request, txn, 403, "Forbidden")  # as any refusal: no hint that a password was right
             self.refused["client_certificate"] += 1
             log.event(logger, "call.refused", logging.WARNING, reason="client_certificate", trunk=trunk.name,
                       names=",".join(names), **fields)

@@ -366,7 +366,8 @@ class Supervisor:
 
     async def _start_worker(self, slot: Slot) -> None:
         sources = json.dumps(sorted(set(self.config.cluster.lb_sources) | {self.config.sip.host}))
-        env = {**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url, "GATEWAY_CLUSTER_LB_SOURCES": sources}
+        env = {**os.environ, "GATEWAY_CLUSTER_REDIS_URL": self.redis_url, "GATEWAY_CLUSTER_LB_SOURCES": sources,
+               **({"GATEWAY_CLUSTER_LB_TLS_HEADERS": "true"} if self.config.cluster.kamailio else {})}
         slot.proc = await asyncio.create_subprocess_exec(*self._worker_cmd(slot), env=env, preexec_fn=die_with_parent)
         slot.state, slot.active, slot.started_calls, slot.idle_since = "starting", 0, 0, time.monotonic()
         log.event(logger, "supervisor.worker_started", worker=slot.name, pid=slot.proc.pid, sip_port=slot.sip_port,

@@ -262,7 +262,7 @@ class ProjectStore:
                 assert project is not None
         project.welcome_text, project.voice_type = config.welcome_text, config.voice_type
         project.language = config.language
-        project.auto_record = config.auto_record or project.auto_record
+        project.auto_record = config.auto_record
         project.notification_url = config.notification_url or project.notification_url
         self._save(project)
         return project

@@ -15,6 +15,7 @@ only: its partial file goes, its metadata says "failed" and why; the call goes o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,6 +45,12 @@ HEADER = 44  # the stdlib writer's RIFF/fmt/data header for PCM
 Done = Callable[[dict[str, Any]], None]  # called on the event loop with the final metadata (ready or failed)
 
 
+def wav_header(data: int) -> bytes:
+    """The 44-byte header of a PCM16 stereo 8 kHz WAV holding `data` bytes (what the stdlib writer writes)."""
+    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 2, RATE, RATE * 4, 4, 16)
+            + b"data" + struct.pack("<I", data))
+
+
 def _private(path: Path) -> Any:
     """A new file only its owner reads (recordings are people's voices)."""
     return os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb")
@@ -67,13 +74,16 @@ def _sha256(path: Path) -> str:
 class Recording:
     """One call's recording, fed from the event loop; the writer thread does the rest."""
 
-    def __init__(self, store: RecordingStore, meta: dict[str, Any], codec: str, on_done: Done) -> None:
+    def __init__(self, store: RecordingStore, meta: dict[str, Any], codec: Callable[[], str], on_done: Done) -> None:
+        """`codec()`: the call's codec now (a re-INVITE may switch PCMU and PCMA: each batch is decoded as sent)."""
         self.store = store
         self.meta = meta
         self.id: str = meta["id"]
-        self.codec = codec
+        self.codec_of = codec
+        self.codec = codec()
+        self.announced = False  # on_done was scheduled (once: ready, or failed)
         self.on_done = on_done
-        self.silence = bytes([g711.SILENCE[codec]]) * FRAME
+        self.silence = bytes([g711.SILENCE[self.codec]]) * FRAME
         self.frames = 0
         self.failed = False  # set by the writer thread; then frames are dropped at once
         self.stopped = False
@@ -86,11 +96,19 @@ class Recording:
         """One 20 ms tick: what the caller sent (None: nothing arrived) and what it heard (None: nothing sent)."""
         if self.stopped or self.failed:
             return
+        if self.codec_of() != self.codec:  # the call switched codec: what was gathered goes as it came
+            self._submit()
+            self.codec = self.codec_of()
+            self.silence = bytes([g711.SILENCE[self.codec]]) * FRAME
         self._pending.append(caller if caller is not None and len(caller) == FRAME else self.silence)
         self._pending.append(heard if heard is not None and len(heard) == FRAME else self.silence)
         self.frames += 1
         if len(self._pending) >= 2 * self._batch:
-            self.store.submit(("write", self, self._pending))
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._pending:
+            self.store.submit(("write", self, self._pending, self.codec))
             self._pending = []
 
     def stop(self, reason: str) -> None:
@@ -98,9 +116,7 @@ class Recording:
         if self.stopped:
             return
         self.stopped = True
-        if self._pending:
-            self.store.submit(("write", self, self._pending))
-            self._pending = []
+        self._submit()
         self.store.submit(("close", self, reason))
 
 
@@ -126,7 +142,7 @@ class RecordingStore:
         return folder / f"{rid}.part.wav", folder / f"{rid}.wav", folder / f"{rid}.json"
 
     # -- the event loop's side
-    def start(self, project: str, voice_id: str, codec: str, on_done: Done, **extra: Any) -> Recording:
+    def start(self, project: str, voice_id: str, codec: Callable[[], str], on_done: Done, **extra: Any) -> Recording:
         meta = {"id": uuid.uuid4().hex, "project": project, "voice_id": voice_id, "state": "recording",
                 "format": "wav", "channels": 2, "rate": RATE, "channel_layout": ["caller", "heard"],
                 "started_at": time.time(), "worker": self.worker, **extra}
@@ -162,11 +178,20 @@ class RecordingStore:
                 if kind == "open":
                     self._open(rec)
                 elif kind == "write" and not rec.failed:
-                    self._append(rec, item[2])
+                    self._append(rec, item[2], item[3])
                 elif kind == "close" and not rec.failed:
                     self._finish(rec, item[2])
+                else:
+                    continue
             except Exception as exc:  # noqa: BLE001 - a recording's failure never reaches the call or the thread
                 self._fail(rec, exc)
+            if not rec.announced and (kind == "close" or rec.failed):  # once: ready, or failed
+                rec.announced = True
+                meta = rec.meta
+                try:  # the loop may be gone (shutdown): the metadata on disk says it all the same
+                    self.notify(functools.partial(rec.on_done, meta))
+                except Exception:  # noqa: BLE001
+                    logger.debug("recording.notify_failed", exc_info=True)
 
     def _open(self, rec: Recording) -> None:
         part, _, meta_path = self._paths(rec.meta["project"], rec.id)
@@ -178,17 +203,18 @@ class RecordingStore:
         wav.setnchannels(2)
         wav.setsampwidth(2)
         wav.setframerate(RATE)
-        wav.writeframes(b"")  # the header now, so even an empty recording is a valid file
+        wav.writeframes(b"")  # the header now, so even an empty recording is a valid file ...
+        rec._file.flush()  # ... on disk, not in a buffer
         rec._wav = wav
         log.event(logger, "recording.started", voice_id=rec.meta["voice_id"], recording_id=rec.id,
                   project=rec.meta["project"])
 
-    def _append(self, rec: Recording, frames: list[bytes]) -> None:
+    def _append(self, rec: Recording, frames: list[bytes], codec: str) -> None:
         assert rec._wav is not None
         # frames alternate caller, heard: the bytes go (tick, channel, sample) -> (tick, sample, channel), then one
         # table lookup decodes them into interleaved PCM16 (about 0.1 ms of CPU per call-second)
         raw = np.frombuffer(b"".join(frames), dtype=np.uint8).reshape(-1, 2, FRAME).transpose(0, 2, 1)
-        pcm = np.take(g711.ULAW_DECODE if rec.codec == "PCMU" else g711.ALAW_DECODE, raw)
+        pcm = np.take(g711.ULAW_DECODE if codec == "PCMU" else g711.ALAW_DECODE, raw)
         rec._wav.writeframes(pcm.astype("<i2", copy=False).tobytes())  # and the header: a crash loses at most this
 
     def _finish(self, rec: Recording, reason: str) -> None:
@@ -197,14 +223,13 @@ class RecordingStore:
         rec._file.close()
         rec._wav = rec._file = None
         part, final, meta_path = self._paths(rec.meta["project"], rec.id)
+        facts = self._facts(part)  # before the rename: a crash after it finds the file whole (`repair`)
         os.replace(part, final)
-        meta = {**rec.meta, "state": "ready", "ended_at": time.time(), "stop_reason": reason,
-                **self._facts(final)}
-        _write_json(meta_path, meta)
+        meta = {**rec.meta, "state": "ready", "ended_at": time.time(), "stop_reason": reason, **facts}
         rec.meta = meta
+        _write_json(meta_path, meta)
         log.event(logger, "recording.ready", voice_id=meta["voice_id"], recording_id=rec.id,
                   duration_s=meta["duration_s"], size=meta["size"])
-        self.notify(lambda: rec.on_done(meta))
 
     def _fail(self, rec: Recording, exc: Exception) -> None:
         rec.failed = True
@@ -215,8 +240,9 @@ class RecordingStore:
             except Exception:  # noqa: BLE001 - the disk that failed may fail the close too
                 pass
         rec._wav = rec._file = None
-        part, _, meta_path = self._paths(rec.meta["project"], rec.id)
+        part, final, meta_path = self._paths(rec.meta["project"], rec.id)
         part.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)  # failed after the rename (the metadata's write): no file without its facts
         meta = {**rec.meta, "state": "failed", "ended_at": time.time(), "error": f"{type(exc).__name__}: {exc}"}
         try:
             _write_json(meta_path, meta)
@@ -225,7 +251,6 @@ class RecordingStore:
         rec.meta = meta
         log.event(logger, "recording.failed", logging.ERROR, voice_id=meta["voice_id"], recording_id=rec.id,
                   error=meta["error"])
-        self.notify(lambda: rec.on_done(meta))
 
     @staticmethod
     def _facts(path: Path) -> dict[str, Any]:
@@ -234,36 +259,44 @@ class RecordingStore:
 
     # -- after a crash
     def repair(self) -> list[dict[str, Any]]:
-        """This worker's recordings left open by a crash: the header fixed from the file's length (whole frames
-        only), the file published; their metadata (state "repaired") returned for the caller to report."""
+        """This worker's recordings left open by a crash: the header rewritten from the file's length (whole frames
+        only), the file published; their metadata (state "repaired") returned for the caller to report. A file that
+        cannot be repaired is skipped (logged), never a reason not to start."""
         repaired = []
         for meta_path in sorted(self.root.glob("*/*.json")):
             try:
                 meta = json.loads(meta_path.read_text())
-            except (OSError, ValueError):
+                if meta.get("state") != "recording" or meta.get("worker") != self.worker:
+                    continue
+                fixed = self._repair_one(meta, meta_path)
+            except Exception as exc:  # noqa: BLE001 - an unreadable disk or a strange file: left as it is, said
+                log.event(logger, "recording.repair_failed", logging.ERROR, path=str(meta_path), error=str(exc))
                 continue
-            if meta.get("state") != "recording" or meta.get("worker") != self.worker:
-                continue
-            part, final, _ = self._paths(meta["project"], meta["id"])
-            if not part.exists():
-                meta = {**meta, "state": "failed", "error": "the file was lost before the restart"}
-                _write_json(meta_path, meta)
-                continue
-            data = max(0, part.stat().st_size - HEADER) // 4 * 4
-            with part.open("r+b") as f:
-                f.truncate(HEADER + data)
-                f.seek(4)
-                f.write(struct.pack("<I", 36 + data))
-                f.seek(40)
-                f.write(struct.pack("<I", data))
-            os.replace(part, final)
-            meta = {**meta, "state": "repaired", "ended_at": final.stat().st_mtime, "stop_reason": "gateway_restart",
-                    **self._facts(final)}
-            _write_json(meta_path, meta)
-            repaired.append(meta)
-            log.event(logger, "recording.repaired", logging.WARNING, voice_id=meta["voice_id"], recording_id=meta["id"],
-                      duration_s=meta["duration_s"])
+            if fixed is not None:
+                repaired.append(fixed)
         return repaired
+
+    def _repair_one(self, meta: dict[str, Any], meta_path: Path) -> dict[str, Any] | None:
+        part, final, _ = self._paths(meta["project"], meta["id"])
+        if not part.exists():
+            if final.exists():  # finished, then cut before its metadata was written: whole already
+                meta = {**meta, "state": "ready", "ended_at": final.stat().st_mtime, **self._facts(final)}
+                _write_json(meta_path, meta)
+                return meta
+            _write_json(meta_path, {**meta, "state": "failed", "error": "the file was lost before the restart"})
+            return None
+        data = max(0, part.stat().st_size - HEADER) // 4 * 4
+        with part.open("r+b") as f:
+            f.truncate(HEADER + data)
+            f.seek(0)
+            f.write(wav_header(data))  # whole: a crash may have come before the first header reached the disk
+        os.replace(part, final)
+        meta = {**meta, "state": "repaired", "ended_at": final.stat().st_mtime, "stop_reason": "gateway_restart",
+                **self._facts(final)}
+        _write_json(meta_path, meta)
+        log.event(logger, "recording.repaired", logging.WARNING, voice_id=meta["voice_id"], recording_id=meta["id"],
+                  duration_s=meta["duration_s"])
+        return meta
 
     # -- reading (the API)
     def get(self, project: str, rid: str) -> dict[str, Any] | None:

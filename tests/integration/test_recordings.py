@@ -177,17 +177,28 @@ def test_the_api_starts_and_stops_recording_a_live_call(tmp_path: Path) -> None:
 
 
 def test_kill_9_mid_recording_is_repaired_at_the_next_start(tmp_path: Path, hooks: HookServer) -> None:
+    """baresip (ended by its PID afterwards, not waiting on a BYE nobody answers) talks to the echo DID; the
+    gateway is killed once three seconds are on disk; the next start repairs and announces the file."""
+    from tests.integration.baresip import Baresip
+    from tests.integration.test_baresip import tone_wav
+
     config = recording_config(hooks)
     gw = start_gateway(tmp_path, config, ALLOW_LOOPBACK)
-    (thread, _), row = echo_call(tmp_path, gw, 20)
-    part = wait_until(lambda: [p for p in (gw.data_dir / "recordings" / "demo").glob("*.part.wav")
-                               if p.stat().st_size > 44 + 3 * 32000], 20, "three seconds written")[0]
-    gw.proc.send_signal(signal.SIGKILL)
-    gw.proc.wait(10)
-    thread.join(60)
+    tone_wav(tmp_path / "tone.wav", 1000.0, 60.0)
+    phone = Baresip(tmp_path / "baresip", tmp_path / "tone.wav", record=False)
+    try:
+        phone.command("dial", f"sip:{ECHO_DID}@{gw.sip}")
+        phone.wait_event("CALL_ESTABLISHED", 20)
+        part = wait_until(lambda: [p for p in (gw.data_dir / "recordings" / "demo").glob("*.part.wav")
+                                   if p.stat().st_size > 44 + 3 * 32000], 20, "three seconds written")[0]
+        voice_id = gw.calls()[0]["voice_id"]
+        gw.proc.send_signal(signal.SIGKILL)
+        gw.proc.wait(10)
+    finally:
+        phone.close()
     again = start_gateway(tmp_path, config, ALLOW_LOOPBACK)  # same data dir, same worker name
     try:
-        ready = wait_until(lambda: [e for e in hooks.events(row["voice_id"]) if e["state"] == "recording_ready"],
+        ready = wait_until(lambda: [e for e in hooks.events(voice_id) if e["state"] == "recording_ready"],
                            30, "the repaired recording announced")[0]
         assert ready["repaired"] is True and ready["duration_s"] >= 3, ready
         final = part.with_name(part.name.replace(".part.wav", ".wav"))

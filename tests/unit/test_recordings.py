@@ -37,7 +37,7 @@ def peak(x: np.ndarray) -> float:
 def test_a_recording_has_the_caller_left_and_what_it_heard_right(tmp_path: Path) -> None:
     done: list[dict[str, Any]] = []
     store = RecordingStore(tmp_path, "w1", flush_s=1)
-    rec = store.start("acme", "v-1", "PCMU", done.append)
+    rec = store.start("acme", "v-1", lambda: "PCMU", done.append)
     for caller, heard in zip(tone(1000, 150), tone(600, 150), strict=True):
         rec.frame(caller, heard)
     rec.frame(None, None)  # a tick with nothing either way: silence on both
@@ -57,7 +57,7 @@ def test_a_recording_has_the_caller_left_and_what_it_heard_right(tmp_path: Path)
 
 def test_a_recording_cut_by_a_crash_is_repaired_at_the_next_start(tmp_path: Path) -> None:
     store = RecordingStore(tmp_path, "w1", flush_s=1)
-    rec = store.start("acme", "v-2", "PCMU", lambda meta: None)
+    rec = store.start("acme", "v-2", lambda: "PCMU", lambda meta: None)
     for frame in tone(1000, 120):
         rec.frame(frame, frame)
     store.flush()  # written, never finalised: what a kill -9 leaves
@@ -86,7 +86,7 @@ def test_a_write_failure_stops_the_recording_not_the_caller(tmp_path: Path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store, "_append", full)
-    rec = store.start("acme", "v-3", "PCMU", done.append)
+    rec = store.start("acme", "v-3", lambda: "PCMU", done.append)
     for frame in tone(1000, 60):
         rec.frame(frame, frame)  # never raises here: the writer thread meets the error
     store.flush()
@@ -100,13 +100,63 @@ def test_a_write_failure_stops_the_recording_not_the_caller(tmp_path: Path, monk
 
 def test_retention_deletes_finished_recordings_only(tmp_path: Path) -> None:
     store = RecordingStore(tmp_path, "w1")
-    old = store.start("acme", "v-4", "PCMU", lambda meta: None)
+    old = store.start("acme", "v-4", lambda: "PCMU", lambda meta: None)
     old.stop("call_ended")
-    live = store.start("acme", "v-5", "PCMU", lambda meta: None)
+    live = store.start("acme", "v-5", lambda: "PCMU", lambda meta: None)
     store.flush()
     assert store.sweep(0) == 0 and store.sweep(30, now=old.meta["started_at"] + 29 * 86400) == 0
     assert store.sweep(30, now=old.meta["started_at"] + 31 * 86400) == 1
     assert [m["voice_id"] for m in store.list("acme")] == ["v-5"]
     assert not store.delete("acme", live.id), "a recording in progress is not deleted"
     live.stop("call_ended")
+    store.close()
+
+
+def test_crashes_at_the_edges_leave_valid_files(tmp_path: Path) -> None:
+    """Killed before the first append (the header alone on disk, even truncated), and killed between publishing a
+    finished file and writing its metadata: both come back as valid, served recordings."""
+    store = RecordingStore(tmp_path, "w1")
+    early = store.start("acme", "v-6", lambda: "PCMU", lambda meta: None)
+    store.flush()
+    part = tmp_path / "recordings" / "acme" / f"{early.id}.part.wav"
+    assert part.stat().st_size == 44, "the header is on disk at once"
+    part.write_bytes(b"RIFF")  # torn even so
+    done = store.start("acme", "v-7", lambda: "PCMU", lambda meta: None)
+    for frame in tone(1000, 60):
+        done.frame(frame, frame)
+    done.stop("call_ended")
+    store.flush()
+    meta_path = tmp_path / "recordings" / "acme" / f"{done.id}.json"
+    meta_path.write_text(meta_path.read_text().replace('"ready"', '"recording"'))  # as if cut before the write
+    repaired = {m["voice_id"]: m for m in RecordingStore(tmp_path, "w1").repair()}
+    assert repaired["v-6"]["state"] == "repaired" and repaired["v-6"]["duration_s"] == 0
+    assert repaired["v-7"]["state"] == "ready" and repaired["v-7"]["duration_s"] == pytest.approx(1.2, abs=0.02)
+    for voice_id in ("v-6", "v-7"):
+        path = store.file("acme", repaired[voice_id]["id"])
+        assert path is not None
+        with wave.open(str(path)) as w:
+            assert (w.getnchannels(), w.getframerate()) == (2, 8000)
+    store.close()
+
+
+def test_a_codec_switch_mid_call_is_decoded_as_sent(tmp_path: Path) -> None:
+    """A re-INVITE may move the call from PCMU to PCMA: each batch is decoded with the codec it was sent in."""
+    done: list[dict[str, Any]] = []
+    codec = ["PCMU"]
+    store = RecordingStore(tmp_path, "w1")
+    rec = store.start("acme", "v-8", lambda: codec[0], done.append)
+    for frame in tone(1000, 30):
+        rec.frame(frame, frame)
+    codec[0] = "PCMA"
+    t = np.arange(30 * 160) / 8000
+    alaw = g711.encode("PCMA", (8000 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16))
+    for i in range(30):
+        rec.frame(alaw[i * 160 : (i + 1) * 160], None)
+    rec.stop("call_ended")
+    store.flush()
+    path = store.file("acme", done[0]["id"])
+    assert path is not None
+    left, _, _ = channels(path)
+    assert peak(left[:4800]) == pytest.approx(1000, abs=10) and peak(left[4800:]) == pytest.approx(1000, abs=10)
+    assert np.sqrt(np.mean(left[4800:] ** 2)) > 4000, "PCMA decoded as PCMA, not as noise"
     store.close()

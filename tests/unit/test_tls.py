@@ -109,3 +109,44 @@ def test_a_sips_proxy_gets_a_sips_request_uri_and_a_sips_dialog_a_sips_contact()
     assert UserAgent.contact(ua, "tls", sips=True) == "<sips:gateway@127.0.0.1:5061>"  # type: ignore[arg-type]
     assert UserAgent.contact(ua, "tls") == "<sip:gateway@127.0.0.1:5061;transport=tls>"  # type: ignore[arg-type]
     assert UserAgent.contact(ua, "udp", sips=True) == "<sip:gateway@127.0.0.1:5060>"  # type: ignore[arg-type]
+
+
+def test_the_balancer_headers_count_only_when_our_kamailio_sends_them(tmp_path: Path) -> None:
+    """X-Gateway-Transport / X-Gateway-Client-Names are believed from cluster.lb_sources only with
+    cluster.lb_tls_headers (set by the supervisor for the Kamailio it renders, which strips callers' copies);
+    names compare as they mean (IPv6 in one form, case); a server-only certificate is not shown to trunks."""
+    from types import SimpleNamespace
+
+    from gateway.calls.ua import UserAgent
+    from gateway.config import Config, TrunkConfig
+    from gateway.sip.message import Headers
+    from gateway.sip.transaction import Target
+
+    headers = Headers()
+    headers.add("X-Gateway-Transport", "tls")
+    headers.add("X-Gateway-Client-Names", "SBC.example,2001:DB8:0:0:0:0:0:1,<null>")
+    request = SimpleNamespace(headers=headers)
+    via_lb = Target("udp", "127.0.0.1", 5060)
+    for trusted, expected in ((False, ("udp", [])), (True, ("tls", ["sbc.example", "2001:db8::1"]))):
+        config = Config()
+        config.cluster.lb_tls_headers = trusted
+        ua = SimpleNamespace(config=config, lb_sources={"127.0.0.1"}, transport=None)
+        assert UserAgent.edge(ua, request, via_lb) == expected  # type: ignore[arg-type]
+    trunk = TrunkConfig(tls_client_certificate=True, tls_client_names=["sbc.EXAMPLE", "2001:db8::1"])
+    assert UserAgent._client_certified(trunk, "tls", ["2001:db8::1"])
+    assert not UserAgent._client_certified(trunk, "udp", ["sbc.example"])
+    assert not UserAgent._client_certified(trunk, "tls", [])
+    server_only = issued_chain(tmp_path, "gw.example")[0]  # no extendedKeyUsage: fine for both
+    tls.self_signed(["gw.example"], tmp_path / "both.pem", tmp_path / "both.key")
+    assert tls.for_clients(str(server_only)) and tls.for_clients(str(tmp_path / "both.pem"))
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    web_only = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(3).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(key, hashes.SHA256()))
+    (tmp_path / "web.pem").write_bytes(web_only.public_bytes(serialization.Encoding.PEM))
+    assert not tls.for_clients(str(tmp_path / "web.pem")), "a server-only certificate is not shown to trunks"
