@@ -181,6 +181,14 @@ def tls_files(tmp: Path, *names: str) -> tuple[Path, Path]:
     return cert, key
 
 
+def sip_tls_env(port: int, cert: Path, key: Path, transports: str = '["udp", "tcp", "tls"]',
+                **extra: str) -> dict[str, str]:
+    """The environment of a gateway taking SIP over TLS on `port` with `cert`/`key` (`extra`: more GATEWAY_SIP_*
+    settings by their lower-case suffix, e.g. tls_ca=..., tls_client_ca=...)."""
+    return {"GATEWAY_SIP_TRANSPORTS": transports, "GATEWAY_SIP_TLS_PORT": str(port), "GATEWAY_SIP_TLS_CERT": str(cert),
+            "GATEWAY_SIP_TLS_KEY": str(key), **{f"GATEWAY_SIP_{k.upper()}": v for k, v in extra.items()}}
+
+
 def spki_hash(cert: Path) -> str:
     """base64 SHA-256 of the certificate's public key (Chromium's --ignore-certificate-errors-spki-list)."""
     import base64

@@ -95,6 +95,15 @@ class Baresip:
 
         return wait_until(found, timeout, f"baresip event {kind}", interval=0.0)
 
+    def talk(self, uri: str, seconds: float) -> dict:  # type: ignore[type-arg]
+        """Dial `uri`, stay `seconds` once established (the scenario's length, not a wait for anything), hang up;
+        the CALL_CLOSED event."""
+        self.command("dial", uri)
+        self.wait_event("CALL_ESTABLISHED", 20)
+        time.sleep(seconds)
+        self.command("hangup")
+        return self.wait_event("CALL_CLOSED")
+
     def close(self) -> None:
         try:
             self.command("quit")

@@ -30,6 +30,7 @@ from tests.conftest import (
     port_block,
     run_sipp,
     scenario,
+    sip_tls_env,
     stop_process,
     tls_files,
     wait_until,
@@ -310,10 +311,8 @@ def test_kamailio_terminates_tls_with_mutual_tls_and_srtp_for_two_workers(tmp_pa
     tls_port = free_port()
     trunk = ('\n[[trunks]]\nname = "sbc"\nsources = ["127.0.0.1/32"]\nmedia_encryption = "required"\n'
              'tls_client_certificate = true\ntls_client_names = ["sbc.example"]\n')
-    c = start_cluster(tmp_path, extra=trunk, env={
-        "GATEWAY_SIP_TRANSPORTS": '["udp", "tcp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(tls_port),
-        "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key),
-        "GATEWAY_SIP_TLS_CLIENT_CA": str(tmp_path / "sbc.pem")})
+    c = start_cluster(tmp_path, extra=trunk,
+                      env=sip_tls_env(tls_port, cert, key, tls_client_ca=str(tmp_path / "sbc.pem")))
     src = tmp_path / "tone.wav"
     tone_wav(src, 1000.0, 30.0)
     try:
@@ -322,12 +321,12 @@ def test_kamailio_terminates_tls_with_mutual_tls_and_srtp_for_two_workers(tmp_pa
             phone = Baresip(tmp_path / f"baresip{i}", src, ca_file=cert, certificate=certificate,
                             mediaenc="srtp-mand")
             try:
-                phone.command("dial", f"sip:{ECHO_DID}@127.0.0.1:{tls_port};transport=tls")
+                uri = f"sip:{ECHO_DID}@127.0.0.1:{tls_port};transport=tls"
                 if certificate is not None:
-                    phone.wait_event("CALL_ESTABLISHED", 20)
-                    time.sleep(3)  # the scenario itself: talk for 3 s
-                    phone.command("hangup")
-                closed = phone.wait_event("CALL_CLOSED", 20)
+                    closed = phone.talk(uri, 3)
+                else:
+                    phone.command("dial", uri)
+                    closed = phone.wait_event("CALL_CLOSED", 20)
             finally:
                 phone.close()
             if certificate is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from gateway import tls
-from tests.conftest import Gateway, free_port, make_test_config, start_gateway, stop_gateway, tls_files, wait_until
+from tests.conftest import (
+    Gateway,
+    free_port,
+    make_test_config,
+    sip_tls_env,
+    start_gateway,
+    stop_gateway,
+    tls_files,
+    wait_until,
+)
 from tests.integration.baresip import Baresip
 from tests.integration.chaos_tools import ACME_NUMBER, trunk_config
 from tests.integration.test_baresip import dominant_frequency, tone_wav
@@ -50,9 +58,7 @@ def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tls]:
     tmp = tmp_path_factory.mktemp("siptls")
     cert, key = tls_files(tmp)
     port = free_port()
-    gw = start_gateway(tmp, make_test_config(), {"GATEWAY_SIP_TRANSPORTS": '["udp", "tcp", "tls"]',
-                                                 "GATEWAY_SIP_TLS_PORT": str(port), "GATEWAY_SIP_TLS_CERT": str(cert),
-                                                 "GATEWAY_SIP_TLS_KEY": str(key)})
+    gw = start_gateway(tmp, make_test_config(), sip_tls_env(port, cert, key))
     try:
         yield Tls(gw, port, cert)
     finally:
@@ -64,11 +70,7 @@ def test_baresip_calls_the_echo_did_over_tls_and_hears_itself(tls_gateway: Tls, 
     tone_wav(src, 1000.0, 30.0)
     phone = Baresip(tmp_path / "baresip", src, ca_file=tls_gateway.cert)
     try:
-        phone.command("dial", f"sip:15550100001@127.0.0.1:{tls_gateway.port};transport=tls")
-        phone.wait_event("CALL_ESTABLISHED", 20)
-        time.sleep(3)  # the scenario itself: talk for 3 s
-        phone.command("hangup")
-        phone.wait_event("CALL_CLOSED")
+        phone.talk(f"sip:15550100001@127.0.0.1:{tls_gateway.port};transport=tls", 3)
     finally:
         phone.close()
     row = tls_gateway.gw.wait_calls_ended(1)[0]
@@ -121,8 +123,7 @@ def test_a_dial_out_over_tls_reaches_baresip_verified_and_joins_a_room(tmp_path:
     phone = Baresip(tmp_path / "baresip", src, record=False, certificate=both, answer=True, user="15551230001")
     trunk = trunk_config(phone.tls_port, ";transport=tls")
     cert, key = tls_files(tmp_path)
-    env = {"GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(free_port()),
-           "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key)}
+    env = sip_tls_env(free_port(), cert, key, '["udp", "tls"]')
     try:
         for trusted, home in ((far_cert, "trusting"), (cert, "untrusting")):  # the far phone's, then another one
             (tmp_path / home).mkdir()
@@ -167,10 +168,8 @@ def test_a_trunk_with_mutual_tls_takes_only_the_certificate_it_names(tmp_path: P
     sbc = ('\n[[trunks]]\nname = "sbc"\nsources = ["127.0.0.1/32"]\ntls_client_certificate = true\n'
            'tls_client_names = ["sbc.example"]\n')
     (tmp_path / "gw").mkdir()
-    gw = start_gateway(tmp_path / "gw", make_test_config(sbc), {
-        "GATEWAY_SIP_TRANSPORTS": '["udp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(port),
-        "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key),
-        "GATEWAY_SIP_TLS_CLIENT_CA": str(tmp_path / "client-ca.pem")})
+    gw = start_gateway(tmp_path / "gw", make_test_config(sbc),
+                       sip_tls_env(port, cert, key, '["udp", "tls"]', tls_client_ca=str(tmp_path / "client-ca.pem")))
     src = tmp_path / "tone.wav"
     tone_wav(src, 1000.0, 30.0)
     try:

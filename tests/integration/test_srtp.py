@@ -20,6 +20,7 @@ from tests.conftest import (
     free_port,
     make_test_config,
     run_sipp,
+    sip_tls_env,
     start_gateway,
     stop_gateway,
     tls_files,
@@ -76,9 +77,7 @@ proxy = "sips:127.0.0.1:{far.tls_port}"  # sips: TLS, and a sips: Request-URI an
 """
     cert, key = tls_files(tmp)
     port = free_port()
-    gw = start_gateway(tmp, make_test_config(trunks), {
-        "GATEWAY_SIP_TRANSPORTS": '["udp", "tcp", "tls"]', "GATEWAY_SIP_TLS_PORT": str(port),
-        "GATEWAY_SIP_TLS_CERT": str(cert), "GATEWAY_SIP_TLS_KEY": str(key), "GATEWAY_SIP_TLS_CA": str(far_cert)})
+    gw = start_gateway(tmp, make_test_config(trunks), sip_tls_env(port, cert, key, tls_ca=str(far_cert)))
     try:
         wait_until(lambda: '"prompts.ready"' in gw.log() and '"rooms.started"' in gw.log(), 60, "prompts and rooms")
         yield Secure(gw, port, cert, far)
@@ -118,11 +117,7 @@ def test_baresip_over_tls_with_srtp_required_hears_itself_and_the_wire_carries_n
     since = time.time()
     phone = Baresip(tmp_path / "baresip", src, ca_file=secure.cert, mediaenc="srtp-mand")
     try:
-        phone.command("dial", f"sip:{ECHO_DID}@127.0.0.1:{secure.tls_port};transport=tls")
-        phone.wait_event("CALL_ESTABLISHED", 20)
-        time.sleep(4)  # the scenario itself: talk for 4 s
-        phone.command("hangup")
-        phone.wait_event("CALL_CLOSED")
+        phone.talk(f"sip:{ECHO_DID}@127.0.0.1:{secure.tls_port};transport=tls", 4)
     finally:
         phone.close()
         cap.stop()
