@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import log, tls
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, unknown_variables
 from .store import cdr
 
 DEFAULT_CONFIG = Path("config/gateway.toml")
@@ -24,6 +24,8 @@ def _config(args: argparse.Namespace) -> Config:
     config = load_config(path)
     if getattr(args, "data_dir", None):
         config.data.dir = args.data_dir
+    for warning in unknown_variables():  # a misspelt variable is said, not silently ignored
+        print(f"gateway: warning: {warning}", file=sys.stderr)
     return config
 
 

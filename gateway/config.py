@@ -440,6 +440,31 @@ def _env_overrides(data: dict[str, typing.Any], environ: typing.Mapping[str, str
         data.setdefault(section, {})[key] = value
 
 
+NOT_SETTINGS = {"GATEWAY_WORKER_NAME", "GATEWAY_SCREENSHOTS"}  # GATEWAY_ variables that are not settings
+
+
+def unknown_variables(environ: typing.Mapping[str, str] | None = None) -> list[str]:
+    """GATEWAY_* variables that name no setting (a misspelt one would otherwise be silently ignored), each with
+    the closest setting's name when there is one. A known section with an unknown key is an error at load."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(Config)
+    known = {f"GATEWAY_{section}_{field.name}".upper() for section, cls in hints.items() if dataclasses.is_dataclass(cls)
+             for field in dataclasses.fields(cls)}
+    sections = {f.name for f in dataclasses.fields(Config)}
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("GATEWAY_") or name in NOT_SETTINGS or name in known:
+            continue
+        rest = name[len("GATEWAY_"):].lower()
+        if any(rest.startswith(s + "_") for s in sections):
+            continue  # a section's unknown key: load_config says so, as an error
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        out.append(f"{name}: not a setting, ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
+
+
 def load_config(path: str | Path | None = None, environ: typing.Mapping[str, str] | None = None) -> Config:
     """Embedded defaults, overlaid by the file (whole sections/keys), then by the environment."""
     environ = os.environ if environ is None else environ
