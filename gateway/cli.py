@@ -132,6 +132,9 @@ def cmd_kamailio_config(args: argparse.Namespace) -> int:
 
 def cmd_calls(args: argparse.Namespace) -> int:
     config = _config(args)
+    if not (config.data_dir / "cdr.sqlite").exists():  # an empty list would look like "no calls yet"
+        print(f"gateway: no CDR store in {config.data_dir} (no call has been handled with this data directory; "
+              "--data-dir or [data] dir names another)", file=sys.stderr)
     rows = cdr.list_calls(config.data_dir, limit=args.limit, active_only=args.active)
     print(json.dumps(rows, indent=2))
     return 0

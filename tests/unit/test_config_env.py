@@ -29,3 +29,9 @@ def test_every_command_says_them(tmp_path: Path) -> None:
                          text=True, timeout=30, cwd=ROOT, env={**os.environ, "GATEWAY_HTPP_PORT": "9000"})
     assert out.returncode == 0 and "GATEWAY_HTPP_PORT: not a setting, ignored (did you mean GATEWAY_HTTP_PORT?)" \
         in out.stderr, out.stderr
+
+
+def test_calls_says_when_the_data_dir_holds_no_cdr_store(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "calls", "--data-dir", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]" and "no CDR store in" in out.stderr, out
