@@ -230,6 +230,52 @@ def _print_credentials(project: dict[str, object]) -> None:
           f"list' a fingerprint); 'gateway projects reset-key {project['name']}' replaces them", file=sys.stderr)
 
 
+def cmd_projects_numbers(args: argparse.Namespace) -> int:
+    """numbers add NAME NUMBER: the project takes calls to NUMBER and/or may call from it; numbers remove NAME NUMBER.
+    A number belongs to one project at most. Prints the project (no secrets)."""
+    from .store.projects import Number, ProjectStore, normalize_number
+
+    config = _config(args)
+    try:
+        normalize_number(args.number)
+    except ValueError as exc:
+        raise ConfigError(f"number {args.number!r}: {exc}") from None
+    wanted = args.number.lstrip("+")
+    store = ProjectStore(config.data_dir)
+    try:
+        for configured in config.projects:
+            store.ensure(configured)
+        project = store.by_name(args.name, cached=False)
+        error = None
+        if project is None:
+            error = ("not_found", f"no project named {args.name!r}", "name")
+        elif args.numbers_command == "add":
+            inbound = not args.outbound_only  # calls to a number reach one project: an inbound one is unique
+            owner = next((p for p in store.list() for n in p.numbers if n.number.lstrip("+") == wanted
+                          and (p.name == project.name or inbound and n.inbound)), None)
+            if owner is not None:
+                error = ("conflict", f"{args.number} is a number of the project {owner.name!r} already", "number")
+            else:
+                project.numbers.append(Number(args.number, inbound=not args.outbound_only,
+                                              outbound=not args.inbound_only))
+                store.update(project)
+        else:
+            kept = [n for n in project.numbers if n.number.lstrip("+") != wanted]
+            if len(kept) == len(project.numbers):
+                error = ("not_found", f"{args.number} is not a number of {args.name!r}", "number")
+            else:
+                project.numbers = kept
+                store.update(project)
+    finally:
+        store.close()
+    if error is not None:
+        print(json.dumps({"error": dict(zip(("code", "message", "field"), error, strict=True))}), file=sys.stderr)
+        return 1
+    assert project is not None
+    print(json.dumps(project.public(), indent=2))
+    return 0
+
+
 def cmd_projects_list(args: argparse.Namespace) -> int:
     from .store.projects import ProjectStore
 
@@ -399,6 +445,22 @@ def parser() -> argparse.ArgumentParser:
     common(phook)
     phook.add_argument("name", help="the project's name")
     phook.set_defaults(func=cmd_projects_reset)
+    numbers = projects.add_parser("numbers", help="a project's numbers").add_subparsers(dest="numbers_command",
+                                                                                        required=True)
+    nadd = numbers.add_parser("add", help="give a project a number: calls to it reach the project (route api unless "
+                                          "[[dids]] says otherwise) and its dial-outs may show it")
+    common(nadd)
+    nadd.add_argument("name", help="the project's name")
+    nadd.add_argument("number", help="E.164: optional +, then 6 to 15 digits")
+    ndirection = nadd.add_mutually_exclusive_group()
+    ndirection.add_argument("--inbound-only", action="store_true", help="it takes calls only (out=false)")
+    ndirection.add_argument("--outbound-only", action="store_true", help="a caller ID only (in=false)")
+    nadd.set_defaults(func=cmd_projects_numbers)
+    nremove = numbers.add_parser("remove", help="take a number from a project")
+    common(nremove)
+    nremove.add_argument("name", help="the project's name")
+    nremove.add_argument("number")
+    nremove.set_defaults(func=cmd_projects_numbers)
 
     prompts = sub.add_parser("prompts", help="spoken prompts").add_subparsers(dest="prompts_command", required=True)
     render = prompts.add_parser("render", help="pre-render every project's prompts into the cache")

@@ -108,7 +108,7 @@ class Project:
 def normalize_number(value: str) -> str:
     """E.164 with an optional leading +: digits only, 6 to 15 of them; raises ValueError."""
     digits = value[1:] if value.startswith("+") else value
-    if not digits.isdigit() or not 6 <= len(digits) <= 15:
+    if not (digits.isascii() and digits.isdigit()) or not 6 <= len(digits) <= 15:
         raise ValueError("must be an E.164 number: optional +, then 6 to 15 digits")
     return value
 
