@@ -316,6 +316,7 @@ class TrunkConfig:
     media_encryption: str = "none"  # SRTP (SDES): none | optional | required (RTP/SAVP only, plain offers get 488)
     tls_client_certificate: bool = False  # mutual TLS: calls must come over TLS with a certificate of sip.tls_client_ca
     tls_client_names: list[str] = field(default_factory=list)  # ... naming one of these (DNS/IP SAN, else CN); [] = any
+    # (names alone imply tls_client_certificate)
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]

@@ -409,7 +409,7 @@ class UserAgent:
                 self.refused["source_not_allowed"] += 1
                 log.event(logger, "call.refused", logging.WARNING, reason="source_not_allowed", **fields)
             return
-        if trunk.tls_client_certificate and not self._client_certified(trunk, transport, names):
+        if (trunk.tls_client_certificate or trunk.tls_client_names) and not self._client_certified(trunk, transport, names):
             self._reject(request, txn, 403, "Forbidden")  # as any refusal: no hint that a password was right
             self.refused["client_certificate"] += 1
             log.event(logger, "call.refused", logging.WARNING, reason="client_certificate", trunk=trunk.name,
