@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import ssl
@@ -202,14 +203,43 @@ def spki_hash(cert: Path) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
+# Prompts rendered by earlier test gateways (the cache is content-addressed and written atomically, so any number
+# of processes share it): a new gateway starts with them instead of running espeak-ng 22 times (about 2 s of CPU
+# each, 100 gateways a run). A test about rendering itself asks for fresh_prompts.
+SHARED_PROMPTS = ROOT / "build" / "test-prompt-cache"
+
+
+def _seed_prompts(data: Path) -> None:
+    if SHARED_PROMPTS.is_dir():
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copytree(SHARED_PROMPTS, data / "prompts-cache", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.tmp", "*.raw.wav"))
+
+
+def _keep_prompts(data: Path) -> None:
+    for src in (data / "prompts-cache").rglob("*.wav"):
+        dst = SHARED_PROMPTS / src.relative_to(data / "prompts-cache")
+        if ".raw." in src.name or dst.exists():
+            continue
+        dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        except OSError:  # a file going away under a stopping gateway: the next one keeps it
+            tmp.unlink(missing_ok=True)
+
+
 def start_gateway(tmp: Path, config_text: str | None = None, env: dict[str, str] | None = None,
-                  https: bool = False) -> Gateway:
+                  https: bool = False, fresh_prompts: bool = False) -> Gateway:
     """`gateway run` on ports of its own; `https`: the Voice API and the room service over HTTPS (a self-signed
-    certificate made here)."""
+    certificate made here); `fresh_prompts`: render every prompt (else those of earlier gateways are copied in)."""
     sip_port, http_port, rooms_port = free_port(), free_port(), free_port()
     rtp_low = port_block(1602)  # the worker's 1200 RTP ports, then Janus's 400
     rtp = (rtp_low, rtp_low + 1200)
     data = tmp / "data"
+    if not fresh_prompts:
+        _seed_prompts(data)
     args = [sys.executable, "-m", "gateway", "run", "--sip-host", "127.0.0.1", "--sip-port", str(sip_port),
             "--http-port", str(http_port), "--rtp-ports", f"{rtp[0]}-{rtp[1]}", "--data-dir", str(data)]
     if config_text is not None:
@@ -261,6 +291,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
 
 def stop_gateway(gw: Gateway) -> None:
     stop_process(gw.proc)
+    _keep_prompts(gw.data_dir)
 
 
 @pytest.fixture

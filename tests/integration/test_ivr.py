@@ -129,8 +129,18 @@ def test_baresip_sndcode_repeated_digits(ivr_gateway: Gateway, tmp_path: Path) -
     assert validated(evs)["room_id"] == room["room_id"]
 
 
-def test_prompt_audio_is_speech_and_rendered_once(ivr_gateway: Gateway, tmp_path: Path) -> None:
+@pytest.fixture
+def fresh_ivr_gateway(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An IVR gateway that renders its prompts itself (none copied from earlier test gateways)."""
+    gw = start_gateway(tmp_path, make_test_config(), fresh_prompts=True)
+    wait_until(lambda: '"prompts.ready"' in gw.log(), 60, "prompts rendered")
+    yield gw
+    stop_gateway(gw)
+
+
+def test_prompt_audio_is_speech_and_rendered_once(fresh_ivr_gateway: Gateway, tmp_path: Path) -> None:
     """The caller hears the welcome prompt as 8 kHz speech (not silence); the second call uses the cache."""
+    ivr_gateway = fresh_ivr_gateway
     from gateway.apps.prompts import read_wav
     from gateway.media import g711
     from gateway.media.rtp import RtpPacket
