@@ -62,8 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "tls" in config.sip.transports and not config.cluster.kamailio:
             raise ConfigError("sip.transports: tls with --workers is terminated by the Kamailio the gateway starts "
                               "(cluster.kamailio = true); with your own balancer, terminate TLS there")
-        tls_trunks = [t.name for t in config.trunks for u in [t.outbound.proxy if t.outbound else "",
-                      t.register.registrar if t.register else ""] if u.lower().startswith("sips:") or "transport=tls" in u.lower()]
+        tls_trunks = [t.name for t in config.trunks if t.reached_over_tls]
         if tls_trunks:
             raise ConfigError(f"trunks {', '.join(tls_trunks)}: reached over TLS, which needs one worker for now "
                               "(with --workers, TLS is terminated by Kamailio for inbound calls only)")

@@ -321,6 +321,12 @@ class TrunkConfig:
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(s, strict=False) for s in self.sources]
 
+    @property
+    def reached_over_tls(self) -> bool:
+        """Whether we open TLS connections to it: a sips: or ;transport=tls outbound proxy or registrar."""
+        uris = [self.outbound.proxy if self.outbound else "", self.register.registrar if self.register else ""]
+        return any(u.lower().startswith("sips:") or "transport=tls" in u.lower() for u in uris)
+
 
 @dataclass
 class DidConfig:
@@ -522,8 +528,7 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"trunks[{i}].tls_client_certificate: mutual TLS needs tls in sip.transports and "
                               "sip.tls_client_ca (the CAs that sign the trunk's certificates)")
     for i, t in enumerate(c.trunks):  # a trunk reached over TLS needs our TLS listener: its Contact is there
-        uris = [t.outbound.proxy if t.outbound else "", t.register.registrar if t.register else ""]
-        if any(u.startswith("sips:") or "transport=tls" in u.lower() for u in uris) and "tls" not in c.sip.transports:
+        if t.reached_over_tls and "tls" not in c.sip.transports:
             raise ConfigError(f"trunks[{i}]: reached over TLS, so sip.transports needs tls (and sip.tls_cert/tls_key)")
     for key in ("host", "public_host"):
         value = getattr(c.sip, key)

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .. import log
 from ..calls.call import Call
-from ..store.recordings import RecordingStore
+from ..store.recordings import FINISHED, RecordingStore
 from .voice import PROJECT, ApiError, VoiceApi
 from .webhooks import Notifier, timestamp
 
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from ..store.recordings import Recording
 
 logger = logging.getLogger("gateway.recordings")
+
+
+def file_url(recording_id: str) -> str:
+    return f"/voice/v1/recordings/{recording_id}/file"
 
 
 class Recordings:
@@ -66,9 +70,7 @@ class Recordings:
         recording = self.active.pop(voice_id, None)
         if recording is None:
             return None
-        call = self.api.ua.calls.get(voice_id)
-        if call is not None and call.media is not None:
-            call.media.tap = None
+        self._untap(voice_id)
         recording.stop(reason)
         self.api.ua.cdr.event(voice_id, "recording_stopped", recording_id=recording.id, reason=reason,
                               duration_s=round(recording.frames * 0.02, 2))
@@ -76,13 +78,11 @@ class Recordings:
 
     def _done(self, meta: dict[str, Any], event_url: str = "") -> None:
         """On the event loop, once the writer thread finalised (or gave up on) a recording."""
-        state = "recording_ready" if meta["state"] in ("ready", "repaired") else "recording_failed"
+        state = "recording_ready" if meta["state"] in FINISHED else "recording_failed"
         current = self.active.get(meta["voice_id"])
         if current is not None and current.id == meta["id"]:  # failed while the call goes on: let it go
             self.active.pop(meta["voice_id"])
-            call = self.api.ua.calls.get(meta["voice_id"])
-            if call is not None and call.media is not None:
-                call.media.tap = None
+            self._untap(meta["voice_id"])
         facts: dict[str, Any] = {k: meta[k] for k in ("duration_s", "size", "sha256", "error") if k in meta}
         self.api.ua.cdr.event(meta["voice_id"], state, recording_id=meta["id"], **facts)
         project = self.api.projects.by_name(meta["project"])
@@ -92,7 +92,13 @@ class Recordings:
                 "state": state, "voice_id": meta["voice_id"], "room_id": meta.get("room_id"),
                 "recording_id": meta["id"], "timestamp": timestamp(), **facts,
                 **({"repaired": True} if meta["state"] == "repaired" else {}),
-                **({"url": f"/voice/v1/recordings/{meta['id']}/file"} if state == "recording_ready" else {})})
+                **({"url": file_url(meta["id"])} if state == "recording_ready" else {})})
+
+    def _untap(self, voice_id: str) -> None:
+        """The call's media clock stops feeding the recording (the call may have gone already)."""
+        call = self.api.ua.calls.get(voice_id)
+        if call is not None and call.media is not None:
+            call.media.tap = None
 
     async def repair(self) -> None:
         """At start: this worker's recordings cut short by a crash, repaired (in a thread: it reads and hashes
@@ -141,8 +147,8 @@ class Recordings:
     @staticmethod
     def public(meta: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in meta.items() if k not in ("worker", "project")}
-        if meta["state"] in ("ready", "repaired"):
-            out["url"] = f"/voice/v1/recordings/{meta['id']}/file"
+        if meta["state"] in FINISHED:
+            out["url"] = file_url(meta["id"])
         return out
 
     async def list_route(self, request: web.Request) -> web.Response:

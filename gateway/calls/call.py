@@ -240,20 +240,23 @@ class Call:
 
     def local_sdp(self) -> bytes:
         assert self.media is not None
-        p = self.media.params
-        if self.invite.body or self._answered_once:
-            codecs = [(p.codec, p.payload_type)]
-            dtmf = p.dtmf_pt
-            proto = p.proto
-            crypto: tuple[Crypto, ...] = () if p.crypto is None else (
-                Crypto(p.crypto.tag, p.crypto.suite, self.media.local_key),)
-        else:  # we make the offer (INVITE without SDP, or a refresh)
-            codecs = [(c, 0 if c == "PCMU" else 8) for c in self.ua.config.rtp.codecs]
-            dtmf = self.ua.config.rtp.telephone_event_pt
-            proto, crypto = self.offer_crypto()
-        self._our_offer = OurOffer(proto, crypto)  # what an answer to this SDP (if it is an offer) must match
-        return build_sdp(self.ua.media_host, self.media.port, codecs, dtmf, p.direction,
-                         self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
+        if not (self.invite.body or self._answered_once):
+            return self.offer_sdp()  # an INVITE without SDP: we make the offer
+        p = self.media.params  # else what was negotiated (an answer, or the SDP of a re-INVITE without one)
+        crypto = () if p.crypto is None else (Crypto(p.crypto.tag, p.crypto.suite, self.media.local_key),)
+        self._our_offer = OurOffer(p.proto, crypto)  # what an answer to this SDP (if it is an offer) must match
+        return build_sdp(self.ua.media_host, self.media.port, [(p.codec, p.payload_type)], p.dtmf_pt, p.direction,
+                         self._sdp_session, self._sdp_version, proto=p.proto, crypto=crypto)
+
+    def offer_sdp(self) -> bytes:
+        """An offer of ours: every configured codec, telephone-event, the transport and keys the trunk says."""
+        assert self.media is not None
+        rtp = self.ua.config.rtp
+        proto, crypto = self.offer_crypto()
+        self._our_offer = OurOffer(proto, crypto)  # the answer must keep the transport and pick one of the lines
+        return build_sdp(self.ua.media_host, self.media.port, [(c, 0 if c == "PCMU" else 8) for c in rtp.codecs],
+                         rtp.telephone_event_pt, self.media.params.direction, self._sdp_session, self._sdp_version,
+                         proto=proto, crypto=crypto)
 
     def media_security(self) -> dict[str, Any]:
         """For the CDR and logs: the signalling transport and the media encryption (never a key)."""

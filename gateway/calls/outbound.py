@@ -26,7 +26,7 @@ from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
 from ..sip.dialog import Dialog
 from ..sip.message import Headers, Request, Response, SipUri
-from ..sip.sdp import MediaParams, OurOffer, SdpError, build_sdp
+from ..sip.sdp import MediaParams, SdpError
 from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
 from .call import Call, CallHost, SessionTimer
 
@@ -181,15 +181,6 @@ class OutboundCall(Call):
             self._cancel("no_answer", 408, "Request Timeout")
         return self.answered.is_set() and not self.ended.is_set()
 
-    def _offer(self) -> bytes:
-        assert self.media is not None
-        cfg = self.ua.config.rtp
-        codecs = [(c, 0 if c == "PCMU" else 8) for c in cfg.codecs]
-        proto, crypto = self.offer_crypto()
-        self._our_offer = OurOffer(proto, crypto)
-        return build_sdp(self.ua.media_host, self.media.port, codecs, cfg.telephone_event_pt, "sendrecv",
-                         self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
-
     def _send_invite(self, authorization: tuple[str, str] | None) -> None:
         self.cseq += 1
         h = Headers()
@@ -205,7 +196,7 @@ class OutboundCall(Call):
         if authorization:
             h.add(*authorization)
         h.add("Content-Type", "application/sdp")
-        self.invite = Request("INVITE", self.ruri, h, self._offer())
+        self.invite = Request("INVITE", self.ruri, h, self.offer_sdp())
         txn = self.ua.stack.send_request(self.invite, self.source, self.ua.now())
         assert isinstance(txn, ClientInviteTransaction)
         txn.user = (self, self.on_invite_response)

@@ -42,6 +42,7 @@ FRAME = 160
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RECORDING_ID = re.compile(r"[0-9a-f]{32}")
 HEADER = 44  # the stdlib writer's RIFF/fmt/data header for PCM
+FINISHED = ("ready", "repaired")  # the states whose file is whole and served
 Done = Callable[[dict[str, Any]], None]  # called on the event loop with the final metadata (ready or failed)
 
 
@@ -310,7 +311,7 @@ class RecordingStore:
 
     def file(self, project: str, rid: str) -> Path | None:
         meta = self.get(project, rid)
-        if meta is None or meta["state"] not in ("ready", "repaired"):
+        if meta is None or meta["state"] not in FINISHED:
             return None
         path = self._paths(project, rid)[1]
         return path if path.exists() else None
