@@ -22,7 +22,7 @@ from ..adapters.ports import PortAllocator
 from ..adapters.rtp_session import RtpSession
 from ..config import Config
 from ..sip.dialog import Dialog
-from ..sip.message import Request, Response, make_response
+from ..sip.message import Request, Response, ascii_digits, make_response
 from ..sip.sdp import SUITES, Crypto, MediaParams, OurOffer, SdpError, SessionDescription, build_sdp, negotiate
 from ..sip.transaction import ServerInviteTransaction, ServerTransaction, SipStack, Target, new_tag
 from ..store.cdr import CdrStore
@@ -359,7 +359,7 @@ class Call:
         cfg = self.ua.config.sip
         if se:
             value, _, params = se.partition(";")
-            interval = max(int(value.strip()), cfg.min_se) if value.strip().isdigit() else cfg.session_expires
+            interval = max(int(value.strip()), cfg.min_se) if ascii_digits(value.strip()) else cfg.session_expires
             refresher = "uas" if "refresher=uas" in params.replace(" ", "").lower() else "uac"
             if not supported and "refresher=" not in params.lower():
                 refresher = "uas"

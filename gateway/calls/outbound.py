@@ -25,7 +25,7 @@ from ..adapters.rtp_session import RtpSession
 from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
 from ..sip.dialog import Dialog
-from ..sip.message import Headers, Request, Response, SipUri
+from ..sip.message import Headers, Request, Response, SipUri, ascii_digits
 from ..sip.sdp import MediaParams, SdpError
 from ..sip.transaction import ClientInviteTransaction, Target, _is_ip
 from .call import Call, CallHost, SessionTimer
@@ -283,7 +283,7 @@ class OutboundCall(Call):
         if not se:
             return
         value, _, params = se.partition(";")
-        if value.strip().isdigit():
+        if ascii_digits(value.strip()):
             ours = "refresher=uac" in params.replace(" ", "").lower()
             self.session_timer = SessionTimer(int(value.strip()), "uas" if ours else "uac")
 

@@ -14,7 +14,7 @@ import uuid
 from .. import log
 from ..config import TrunkConfig
 from ..sip.auth import Credentials, DigestClient
-from ..sip.message import Headers, NameAddr, Request, Response, SipUri
+from ..sip.message import Headers, NameAddr, Request, Response, SipUri, ascii_digits
 from ..sip.transaction import Target, new_tag
 
 logger = logging.getLogger("gateway.register")
@@ -39,10 +39,10 @@ def granted_expires(response: Response, contact_uri: str, requested: int) -> int
             addr = NameAddr.parse(value)
         except ValueError:
             continue
-        if str(addr.uri).split(";")[0] == contact_uri.split(";")[0] and (addr.params.get("expires") or "").isdigit():
+        if str(addr.uri).split(";")[0] == contact_uri.split(";")[0] and ascii_digits(addr.params.get("expires") or ""):
             return int(addr.params["expires"] or requested)
     expires = response.headers.get("expires")
-    return int(expires) if expires and expires.strip().isdigit() else requested
+    return int(expires) if expires and ascii_digits(expires.strip()) else requested
 
 
 class Registration:

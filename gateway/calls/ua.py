@@ -22,7 +22,7 @@ from ..adapters.sip_transport import SipTransport
 from ..config import Config, DidConfig, TrunkConfig
 from ..media.dtmf import parse_info
 from ..sip.auth import DigestServer
-from ..sip.message import KNOWN_METHODS, Request, Response, SipParseError, SipUri, make_response
+from ..sip.message import KNOWN_METHODS, Request, Response, SipParseError, SipUri, ascii_digits, make_response
 from ..sip.sdp import MediaParams, SdpError
 from ..sip.transaction import (
     ALLOW,
@@ -432,7 +432,7 @@ class UserAgent:
         se = request.headers.get("session-expires")
         if se:
             value = se.split(";")[0].strip()
-            if not value.isdigit() or int(value) < self.config.sip.min_se:
+            if not ascii_digits(value) or int(value) < self.config.sip.min_se:
                 self._reject(request, txn, 422, "Session Interval Too Small", Min_SE=str(self.config.sip.min_se))
                 return
         self._start_call(request, txn, source, trunk, did, transport)

@@ -77,7 +77,7 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 STATUS_RE = re.compile(r"^SIP/(\d+\.\d+) (\d+)(?: (.*))?$")
 
 
-def _ascii_digits(text: str) -> bool:
+def ascii_digits(text: str) -> bool:
     """str.isdigit() also passes "²" or "١", which int() then refuses with a bare ValueError: ASCII only."""
     return text.isascii() and text.isdigit()
 
@@ -314,7 +314,7 @@ def parse_hostport(text: str) -> tuple[str, int | None]:
         rest = ":" + port_text if _ else ""
     port = None
     if rest:
-        if not rest.startswith(":") or not _ascii_digits(rest[1:]) or not 0 < int(rest[1:]) < 65536:
+        if not rest.startswith(":") or not ascii_digits(rest[1:]) or not 0 < int(rest[1:]) < 65536:
             raise SipParseError(f"malformed port in {text[:60]!r}")
         port = int(rest[1:])
     if not host or any(c in host for c in " \t,;\"<>"):
@@ -482,7 +482,7 @@ class Response(Message):
 
 def parse_cseq(value: str) -> tuple[int, str]:
     parts = value.split()
-    if len(parts) != 2 or not _ascii_digits(parts[0]) or not TOKEN_RE.match(parts[1]):
+    if len(parts) != 2 or not ascii_digits(parts[0]) or not TOKEN_RE.match(parts[1]):
         raise SipParseError(f"malformed CSeq {value[:40]!r}")
     number = int(parts[0])
     if number >= 2**31:
@@ -586,7 +586,7 @@ def _frame_body(msg: Request | Response, rest: bytes, stream: bool) -> None:
         msg.body = rest
         return
     text = lengths[0].strip()
-    if not _ascii_digits(text):
+    if not ascii_digits(text):
         raise SipParseError("malformed Content-Length", msg if isinstance(msg, Request) else None)
     length = int(text)
     if length > len(rest):
@@ -614,10 +614,10 @@ def _validate(msg: Request | Response) -> None:
     except SipParseError as exc:
         raise SipParseError(exc.reason, partial) from None
     mf = h.get("max-forwards")
-    if mf is not None and (not _ascii_digits(mf.strip()) or int(mf) > 255):
+    if mf is not None and (not ascii_digits(mf.strip()) or int(mf) > 255):
         raise SipParseError("malformed Max-Forwards", partial)
     expires = h.get("expires")
-    if expires is not None and (not _ascii_digits(expires.strip()) or int(expires) >= 2**32):
+    if expires is not None and (not ascii_digits(expires.strip()) or int(expires) >= 2**32):
         raise SipParseError("malformed Expires", partial)
     if isinstance(msg, Request) and method != msg.method:
         unknown = msg.method not in KNOWN_METHODS

@@ -13,6 +13,8 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+from .message import ascii_digits
+
 STATIC_CODECS = {0: "PCMU", 8: "PCMA"}
 SUPPORTED = ("PCMU", "PCMA")
 DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
@@ -35,7 +37,7 @@ _LIFETIME = re.compile(r"(?:[0-9]{1,20}|2\^[0-9]{1,2})")
 
 
 def _digits(text: str) -> bool:
-    """ASCII digits, a sane length: str.isdigit() also passes "²" and "١", which int() then refuses."""
+    """ASCII digits (`ascii_digits`), at most nine of them: a port, a payload type, a ptime, a crypto tag."""
     return _DIGITS.fullmatch(text) is not None
 
 
@@ -112,8 +114,8 @@ class SessionDescription:
                 parts = value.split()
                 if len(parts) >= 6:
                     sdp.origin_user = parts[0]
-                    sdp.session_id = int(parts[1]) if parts[1].isascii() and parts[1].isdigit() else 0
-                    sdp.session_version = int(parts[2]) if parts[2].isascii() and parts[2].isdigit() else 0
+                    sdp.session_id = int(parts[1]) if ascii_digits(parts[1]) else 0
+                    sdp.session_version = int(parts[2]) if ascii_digits(parts[2]) else 0
                     sdp.address = parts[5]
             elif kind == "c":
                 parts = value.split()

@@ -15,7 +15,7 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-from .message import Headers, Request, Response, SipParseError, Via, make_response, parse_message
+from .message import Headers, Request, Response, SipParseError, Via, ascii_digits, make_response, parse_message
 
 T1 = 0.5
 T2 = 4.0
@@ -510,7 +510,7 @@ class SipStack:
         if not _is_ip(host):
             host = source.host
         rport = top.params.get("rport")
-        port = int(rport) if rport and rport.isascii() and rport.isdigit() else (top.port or 5060)
+        port = int(rport) if rport and ascii_digits(rport) else (top.port or 5060)
         return Target("udp", host, port)
 
     def _server_key(self, request: Request, method: str) -> tuple[str, ...]:

@@ -103,6 +103,14 @@ LAZY = [  # headers the parser keeps as text and splits only when a handler read
 ]
 
 
+def invite_with(port: int, n: int, header: bytes) -> bytes:
+    """An INVITE to the echo DID from our socket on `port` (branch and Call-ID numbered `n`) carrying `header`."""
+    return (b"INVITE sip:15550100001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bKlazy%d\r\n"
+            b"From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:15550100001@127.0.0.1>\r\nCall-ID: lazy%d\r\n"
+            b"CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContact: <sip:t@127.0.0.1:%d>\r\n%sContent-Length: 0\r\n\r\n"
+            % (port, n, n, port, header))
+
+
 def test_malformed_lazily_parsed_headers_get_400(gateway: Gateway) -> None:
     """Found by the live fuzz run: an unterminated quote in a comma-list header (Accept) raised in the UA
     after the message had been parsed, and the request got no answer. Now the request gets a 400."""
@@ -110,11 +118,18 @@ def test_malformed_lazily_parsed_headers_get_400(gateway: Gateway) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         for i, header in enumerate(LAZY):
-            invite = (b"INVITE sip:15550100001@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bKlazy%d\r\n"
-                      b"From: <sip:t@127.0.0.1>;tag=1\r\nTo: <sip:15550100001@127.0.0.1>\r\nCall-ID: lazy%d\r\n"
-                      b"CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContact: <sip:t@127.0.0.1:%d>\r\n%sContent-Length: 0\r\n\r\n"
-                      % (port, i, i, port, header))
-            assert exchange(sock, gateway, invite, 3.0) == [400], header
+            assert exchange(sock, gateway, invite_with(port, i, header), 3.0) == [400], header
     log = gateway.log()
     assert '"sip.event_failed"' not in log and "Traceback" not in log
     assert gateway.calls() == []  # refused before a call existed: nothing half-made left behind
+
+
+def test_a_session_interval_of_non_ascii_digits_gets_422(gateway: Gateway) -> None:
+    """Found on re-reading: "Session-Expires: ²²²" passed str.isdigit(), int() raised in the UA, and the INVITE got
+    100 Trying and nothing more (a traceback in the log). Now it is a 422 like any interval we cannot use."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        invite = invite_with(port, 99, "Session-Expires: \u00b2\u00b2\u00b2\r\n".encode())
+        assert exchange(sock, gateway, invite, 3.0) == [422]
+    assert "Traceback" not in gateway.log() and gateway.calls() == []
