@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import tls
 from .adapters.clock import MediaClock
+from .api.projects import CpaasApi
 from .api.recordings import Recordings
 from .api.voice import VoiceApi
 from .calls.registration import Registration
@@ -31,6 +32,7 @@ class Served(Protocol):
     clock: MediaClock
     metrics: Metrics
     api: VoiceApi
+    cpaas: CpaasApi
     recordings: Recordings
     registry: CallRegistry
     connector: JanusRoomConnector | None
@@ -72,5 +74,6 @@ def make_app(worker: Served) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     worker.api.routes(app)
+    worker.cpaas.routes(app)
     worker.recordings.routes(app)
     return app

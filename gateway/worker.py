@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -16,12 +17,13 @@ from aiohttp import web
 
 from . import log, tls
 from .adapters.clock import MediaClock
+from .api.projects import CpaasApi
 from .api.recordings import Recordings
 from .api.voice import VoiceApi
 from .api.webhooks import Notifier
 from .apps.echo import echo
 from .apps.limits import AttemptLimiter, Limits, RedisLimiter
-from .apps.prompts import PromptError, PromptLibrary, prompt_sets
+from .apps.prompts import ProjectVoices, PromptError, PromptLibrary, prompt_sets
 from .apps.routes import make_api_route, make_dial_in
 from .apps.services import Directory, IvrServices, Limiter
 from .calls.call import Call
@@ -55,6 +57,7 @@ class Worker:
         for project in config.projects:
             self.projects.ensure(project)
         self.prompts = PromptLibrary(Path(config.ivr.prompts_dir), config.data_dir / "prompts-cache")
+        self.voices = ProjectVoices(self.prompts)
         http = config.http
         self.api_url = f"{tls.scheme(http.tls_cert)}://{http.host}:{http.port}"
         self.registry: CallRegistry = (
@@ -70,7 +73,8 @@ class Worker:
         )
         limits = Limits.from_config(config.ivr)
         limiter: Limiter = RedisLimiter(shared, limits) if shared is not None else AttemptLimiter(limits)
-        services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, None, self.projects)
+        services = IvrServices(config, self.prompts, self.directory, limiter, self.rooms, None, self.projects,
+                               self.voices)
         dial_in = make_dial_in(services)
         apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in, "api": make_api_route(services)}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
@@ -84,6 +88,8 @@ class Worker:
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
         self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
+        operator = (config.room_service.api_user, service_secrets(config)["api_key"])  # one operator credential
+        self.cpaas = CpaasApi(self.api, operator, self.voices, self.prompts.languages())
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recording_store = RecordingStore(config.data_dir, name, config.recordings.flush_s, self._soon)
         self.recordings = Recordings(self.api, self.recording_store, self.notifier)
@@ -104,12 +110,16 @@ class Worker:
         self._stop = asyncio.Event()
 
     def _find_did(self, number: str) -> DidConfig | None:
-        """A configured DID, else a project's number with in=true (route "api": the application decides)."""
+        """A configured DID, else a project's number with in=true (its route: "api", the application decides, or
+        "ivr", the dial-in prompts); route "off" when its project takes no inbound calls (voice.in = false)."""
         did = self.config.did(number)
-        if did is not None:
+        project = self.projects.by_name(did.project) if did is not None else self.projects.by_number(number)
+        if project is None:
             return did
-        project = self.projects.by_number(number)
-        return None if project is None else DidConfig(number=number, route="api", project=project.name)
+        if did is None:
+            found = project.inbound_number(number)
+            did = DidConfig(number=number, route=found.route if found is not None else "api", project=project.name)
+        return did if project.voice_in else dataclasses.replace(did, route="off")
 
     def _soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the event loop (from another thread: the recordings writer)."""
@@ -193,9 +203,12 @@ class Worker:
 
     async def _render_prompts(self) -> None:
         """Pre-render every project's prompts in the background (calls render on demand meanwhile)."""
-        combos = prompt_sets(self.config.projects)
+        configured = {p.name for p in self.config.projects}
+        stored = await asyncio.to_thread(self.projects.list)  # projects made through the API or the CLI speak too
+        combos = prompt_sets([*self.config.projects, *(p for p in stored if p.name not in configured)])
         try:
             count = await self.prompts.render_all(combos)
+            self.voices.ready.update(combos)
             log.event(logger, "prompts.ready", prompts=count, rendered=self.prompts.rendered)
         except PromptError as exc:
             log.event(logger, "prompts.unavailable", logging.ERROR, error=str(exc))
@@ -248,6 +261,7 @@ class Worker:
         self.cdr.close()
         (self.config.data_dir / "workers" / f"{self.name}.json").unlink(missing_ok=True)
         self.projects.close()
+        await self.voices.close()
         self.prompts.close()
         self.rooms.close()
         if isinstance(self.directory, HttpDirectory):

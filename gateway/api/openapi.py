@@ -1,4 +1,4 @@
-"""The Voice API as an OpenAPI 3 document (served at /voice/v1/openapi.json; schemathesis tests against it)."""
+"""The Voice API and the project API as an OpenAPI 3 document (served at /voice/v1/openapi.json; schemathesis tests against it)."""
 
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ OPENAPI: dict[str, Any] = {
         },
     },
     "components": {
-        "securitySchemes": {"basic": {"type": "http", "scheme": "basic", "description": "app_id:app_key of a project"}},
+        "securitySchemes": {"basic": {"type": "http", "scheme": "basic", "description": "app_id:app_key of a project "
+                                      "(/cpaas also takes the operator's api_user:api_key)"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"],
@@ -188,3 +189,110 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+# -- the CPaaS project API (api/projects.py): the EnableX "Projects" document's shape
+def _cpaas_error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CpaasError"}}}}
+
+
+_APP_ID = {"name": "app_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+_CPAAS_COMMON = {
+    "400": _cpaas_error("invalid input (1004 JSON, 1005 a field, 1008 category, 1009 services, 1012 not supported)"),
+    "401": _cpaas_error("missing or wrong credentials (1001)"),
+    "403": _cpaas_error("a project's credentials act on that project only, and never create one (1002)"),
+    "429": _cpaas_error("too many failed authentications from this address (1003); Retry-After says when")}
+_ONE = {**_CPAAS_COMMON, "404": _cpaas_error("no project with this app_id (1007)")}
+_PHONE = {"type": "object", "required": ["phone"], "properties": {
+    "phone": {"type": "string", "description": "E.164: optional +, 6 to 15 ASCII digits"},
+    "in": {"type": "boolean"}, "out": {"type": "boolean"}, "country": {"type": "string", "maxLength": 64},
+    "country_code": {"type": "string", "pattern": "^\\+?[0-9]{1,4}$"},
+    "route": {"type": "string", "enum": ["api", "ivr"], "description": "voice numbers only (this gateway's own "
+              "field): api = answered and held for the application, ivr = the dial-in prompts"}}}
+_DETAILS = {
+    "app_name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "category_id": {"type": "integer", "enum": [1, 2, 3, 4, 5, 6, 7]},
+    "short_desc": {"type": "string", "maxLength": 128}, "description": {"type": "string", "maxLength": 1024},
+    "services_incl": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["voice", "video"]}}}
+
+OPENAPI["paths"].update({
+    "/cpaas/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"},
+                                                                             "401": _CPAAS_COMMON["401"]}}},
+    "/cpaas/projects": {
+        "get": {"summary": "The projects the credentials see (the operator: all; a project: itself), a page at a time",
+                "parameters": [
+                    {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                    {"name": "app_name", "in": "query", "schema": {"type": "string", "maxLength": 64}},
+                    {"name": "category_id", "in": "query", "schema": {"type": "integer"}}],
+                "responses": {"200": _ok("ProjectPage", "projects and the search block"), **_CPAAS_COMMON}},
+        "post": {"summary": "Create a project (the operator's credentials only): its app_id, app_key and webhook secret",
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "required": ["app_name", "category_id", "services_incl"],
+                     "properties": _DETAILS}}}},
+                 "responses": {"201": _ok("ProjectCreated", "created"), **_CPAAS_COMMON,
+                               "409": _cpaas_error("a project with this app_name exists (1013)")}},
+    },
+    "/cpaas/projects/{app_id}": {
+        "get": {"summary": "One project", "parameters": [_APP_ID],
+                "responses": {"200": _ok("ProjectOne", "the project"), **_ONE}},
+        "post": {"summary": "Edit the project's details", "parameters": [_APP_ID],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "properties": _DETAILS}}}},
+                 "responses": {"200": _ok("ProjectOne", "the project"), **_ONE}},
+    },
+    "/cpaas/projects/{app_id}/reset_key": {
+        "post": {"summary": "A new app_key; the old one stops working at once in every process", "parameters": [_APP_ID],
+                 "responses": {"200": _ok("ProjectKey", "the new key, shown once"), **_ONE}},
+    },
+    "/cpaas/projects/{app_id}/voice": {
+        "patch": {"summary": "Voice settings: in/out, inbound greeting and webhook, numbers, notification_url",
+                  "parameters": [_APP_ID],
+                  "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                      "type": "object", "properties": {
+                          "in": {"type": "boolean"}, "out": {"type": "boolean"},
+                          "inbound": {"type": "object", "properties": {
+                              "event_url": {"type": "string"}, "welcome_text": {"type": "string", "maxLength": 500},
+                              "voice_type": {"type": "string", "enum": ["female", "male"]},
+                              "language": {"type": "string", "description": "a language prompts exist in (en-US)"},
+                              "auto_record": {"type": "boolean"}}},
+                          "phone": {"type": "array", "maxItems": 100, "items": _PHONE},
+                          "notification_url": {"type": "string"}}}}}},
+                  "responses": {"200": _ok("ProjectOne", "the project"), **_ONE,
+                                "409": _cpaas_error("a number of another project (1010), or a setting the "
+                                                    "configuration file holds (1011)")}},
+    },
+    "/cpaas/projects/{app_id}/video": {
+        "patch": {"summary": "Video settings: notification_url (stored), phone (the numbers room pages show)",
+                  "parameters": [_APP_ID],
+                  "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                      "type": "object", "properties": {"notification_url": {"type": "string"},
+                                                       "phone": {"type": "array", "maxItems": 100, "items": _PHONE}}}}}},
+                  "responses": {"200": _ok("ProjectOne", "the project"), **_ONE}},
+    },
+})
+OPENAPI["components"]["schemas"].update({
+    "CpaasError": {"type": "object", "required": ["result", "error", "desc"], "properties": {
+        "result": {"type": "integer", "enum": [0]}, "error": {"type": "integer"}, "desc": {"type": "string"},
+        "field": {"type": "string"}}},
+    "Project": {"type": "object", "required": ["app_id", "app_name", "voice", "video"], "properties": {
+        "app_id": {"type": "string"}, "app_name": {"type": "string"}, "name": {"type": "string"},
+        "category_id": {"type": "integer", "nullable": True}, "category": {"type": "string", "nullable": True},
+        "short_desc": {"type": "string"}, "description": {"type": "string"},
+        "services_incl": {"type": "array", "items": {"type": "string"}}, "created": {"type": "string"},
+        "app_key_fingerprint": {"type": "string"}, "managed_by": {"type": "string", "enum": ["config", "api"]},
+        "voice": {"type": "object"}, "video": {"type": "object"}}},
+    "ProjectOne": {"type": "object", "required": ["result", "project"], "properties": {
+        "result": {"type": "integer", "enum": [1]}, "project": {"$ref": "#/components/schemas/Project"}}},
+    "ProjectPage": {"type": "object", "required": ["result", "projects", "search"], "properties": {
+        "result": {"type": "integer", "enum": [1]},
+        "projects": {"type": "array", "items": {"$ref": "#/components/schemas/Project"}},
+        "search": {"type": "object", "required": ["page", "per_page", "total", "total_pages"]}}},
+    "ProjectCreated": {"type": "object", "required": ["result", "app_id", "app_key", "project"], "properties": {
+        "result": {"type": "integer", "enum": [1]}, "app_id": {"type": "string"}, "app_key": {"type": "string"},
+        "webhook_secret": {"type": "string"}, "project": {"$ref": "#/components/schemas/Project"}}},
+    "ProjectKey": {"type": "object", "required": ["result", "app_id", "app_key"], "properties": {
+        "result": {"type": "integer", "enum": [1]}, "app_id": {"type": "string"}, "app_key": {"type": "string"}}},
+})

@@ -66,6 +66,21 @@ MAX_AUTHORIZATION = 512
 LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII digits: str.isdigit() passes "¹", which int() then refuses
 
 
+def basic_credentials(header: str) -> tuple[str, str] | None:
+    """(user, key) of an HTTP Basic header that could be a project's app_id:app_key; None for anything else (the
+    store never sees garbage)."""
+    if len(header) > MAX_AUTHORIZATION or header[:6].lower() != "basic ":
+        return None
+    try:  # the header may hold any bytes (aiohttp passes them on as surrogates): ASCII base64, then UTF-8
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is non-ASCII input
+        return None
+    user, sep, key = decoded.partition(":")
+    if not sep or not APP_ID.fullmatch(user) or not APP_KEY.fullmatch(key):
+        return None
+    return user, key
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  retry_after: int | None = None) -> None:
@@ -158,16 +173,8 @@ class VoiceApi:
         raise ApiError(401, "unauthorized", "HTTP Basic credentials required: the project's app_id and app_key")
 
     def _project(self, header: str) -> Project | None:
-        if len(header) > MAX_AUTHORIZATION or header[:6].lower() != "basic ":
-            return None
-        try:  # the header may hold any bytes (aiohttp passes them on as surrogates): ASCII base64, then UTF-8
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is non-ASCII input
-            return None
-        app_id, sep, app_key = decoded.partition(":")
-        if not sep or not APP_ID.fullmatch(app_id) or not APP_KEY.fullmatch(app_key):
-            return None  # cannot be a project's: the store is not asked (it never sees garbage)
-        return self.projects.authenticate(app_id, app_key)
+        creds = basic_credentials(header)
+        return None if creds is None else self.projects.authenticate(*creds)
 
     def _rejected(self, request: web.Request, source: str, error: ApiError) -> None:
         """One line per refused request, at info: wrong credentials too (at most auth_failures_per_source per source
@@ -254,6 +261,9 @@ class VoiceApi:
     # -- routes
     async def dial(self, request: web.Request) -> web.Response:
         project = request[PROJECT]
+        if not project.voice_out:
+            raise ApiError(403, "outbound_disabled", "the project's outbound calls are off (voice.out = false in the "
+                           "project API)")
         room_id = request.match_info["room_id"]
         body = await self._body(request)
         from_ = _text(body, "from", required=True)
@@ -420,7 +430,7 @@ class VoiceApi:
     def on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
         info = call.info
         project = self.projects.by_name(str(info.get("project", "")))
-        url = info.get("event_url") or (project.notification_url if project else "")
+        url = info.get("event_url") or (project.event_url(call.direction) if project else "")
         if not url or project is None:
             return
         if state == "initiated":

@@ -212,5 +212,85 @@ class PromptLibrary:
                 log.event(logger, "prompts.progress", done=i, total=len(jobs))
         return len(jobs)
 
+    def languages(self) -> list[str]:
+        """The languages prompts are written in (`prompts/<language>.toml`): what a project may speak."""
+        return sorted(path.stem for path in self.prompts_dir.glob("*.toml"))
+
+    def rendered_already(self, voice: VoiceSet) -> bool:
+        """Every prompt of this set is in the cache (rendered by this process or another sharing the data dir)."""
+        language, voice_type, welcome = voice
+        for key, text in self.texts(language).items():
+            if "{" in text or (self.prompts_dir / language / f"{key}.wav").exists():
+                continue
+            spoken = welcome if key == "welcome" and welcome else text
+            if not self.cache_path(spoken, language, voice_type).exists():
+                return False
+        return True
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+VoiceSet = tuple[str, str, str]  # (language, voice_type, welcome_text): what a project's prompts sound like
+
+
+class ProjectVoices:
+    """What each project sounds like on this worker. A project whose welcome text, voice or language changed (the
+    project API) keeps speaking with its previous set while the new one renders in the background; a set is
+    ready once every prompt of it is in the cache. A project heard for the first time by this worker with a set
+    not yet rendered renders on demand (the caller waits for the first prompts, as before pre-rendering ends)."""
+
+    def __init__(self, library: PromptLibrary) -> None:
+        self.library = library
+        self.ready: set[VoiceSet] = set()
+        self.speaking: dict[str, VoiceSet] = {}  # project -> the set its calls use now
+        self._jobs: dict[VoiceSet, asyncio.Task[None]] = {}
+
+    def choose(self, project: str, wanted: VoiceSet) -> VoiceSet:
+        if self.status(wanted) == "ready":
+            self.speaking[project] = wanted
+            return wanted
+        self.prepare(wanted, project)
+        return self.speaking.get(project, wanted)
+
+    def status(self, voice: VoiceSet) -> str:
+        """"ready", "rendering" or "pending" (not asked for yet on this worker)."""
+        if voice in self.ready:
+            return "ready"
+        if voice in self._jobs:
+            return "rendering"
+        try:
+            done = self.library.rendered_already(voice)
+        except PromptError:
+            return "pending"
+        if done:
+            self.ready.add(voice)
+            return "ready"
+        return "pending"
+
+    def prepare(self, voice: VoiceSet, project: str = "") -> asyncio.Task[None] | None:
+        """Render the set in the background (once); the task, or None when it is ready."""
+        if self.status(voice) == "ready":
+            return None
+        task = self._jobs.get(voice)
+        if task is None:
+            task = self._jobs[voice] = asyncio.get_running_loop().create_task(self._render(voice, project))
+        return task
+
+    async def _render(self, voice: VoiceSet, project: str) -> None:
+        language, voice_type, _ = voice
+        try:
+            count = await self.library.render_all([voice])
+            self.ready.add(voice)
+            log.event(logger, "prompts.ready", project=project or None, language=language, voice=voice_type,
+                      prompts=count)
+        except PromptError as exc:
+            log.event(logger, "prompts.unavailable", logging.ERROR, project=project or None, language=language,
+                      voice=voice_type, error=str(exc))
+        finally:
+            self._jobs.pop(voice, None)
+
+    async def close(self) -> None:
+        for task in list(self._jobs.values()):
+            task.cancel()
+        await asyncio.gather(*self._jobs.values(), return_exceptions=True)

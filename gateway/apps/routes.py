@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from ..calls.call import Call
 from ..calls.control import Order
+from ..config import DidConfig
 from .dialin import DialIn
 from .inroom import hosted
 from .services import IvrServices, Voice, guarded, project_settings
@@ -17,8 +18,8 @@ Route = Callable[[Call], Awaitable[None]]
 def make_dial_in(services: IvrServices) -> Route:
     """Routes "ivr" and "room": the dial-in prompts, then the room."""
     async def dial_in(call: Call) -> None:
-        did = services.config.did(str(call.info["did"])) or call.info.get("did_config")
-        assert did is not None
+        did = services.config.did(str(call.info["did"])) or DidConfig(  # else a project's number with route "ivr"
+            number=str(call.info["did"]), route="ivr", project=str(call.info["project"]))
         voice = Voice(call, services, project_settings(services, did.project), did)
 
         async def flow() -> None:

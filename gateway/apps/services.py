@@ -9,6 +9,7 @@ raise their error (`DirectoryUnavailable`, `RoomError`) when they cannot.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from ..calls.control import Steering
 from ..config import Config, DidConfig, ProjectConfig
 from ..store.projects import ProjectStore
 from ..store.rooms import RoomStore
-from .prompts import PromptError, PromptLibrary
+from .prompts import ProjectVoices, PromptError, PromptLibrary
 
 
 class DirectoryUnavailable(RuntimeError):
@@ -124,6 +125,7 @@ class IvrServices:
     rooms: RoomStore | None = None
     connector: RoomConnector | None = None
     projects: ProjectStore | None = None
+    voices: ProjectVoices | None = None  # what each stored project sounds like (set by the project API)
 
 
 class Voice:
@@ -166,7 +168,14 @@ def project_settings(services: IvrServices, name: str) -> ProjectConfig:
     if configured is not None:
         return configured
     stored = services.projects.by_name(name) if services.projects is not None else None
-    return stored.settings() if stored is not None else ProjectConfig(name=name)
+    if stored is None:
+        return ProjectConfig(name=name)
+    settings = stored.settings()
+    if services.voices is not None:  # a voice still rendering: the previous one until it is ready
+        language, voice_type, welcome = services.voices.choose(name, (settings.language, settings.voice_type,
+                                                                      settings.welcome_text))
+        settings = dataclasses.replace(settings, language=language, voice_type=voice_type, welcome_text=welcome)
+    return settings
 
 
 async def guarded(call: Call, flow: Awaitable[None]) -> None:

@@ -424,6 +424,12 @@ class UserAgent:
         if did is None and request.to.uri.user:  # delivered to our registered contact: the DID is in To
             number = request.to.uri.user.split(";")[0]
             did = self.find_did(number)
+        if did is not None and did.route == "off":  # the project takes no inbound calls (voice.in = false)
+            self._reject(request, txn, 403, "Forbidden")
+            self.refused["inbound_disabled"] += 1
+            log.event(logger, "call.refused", logging.INFO, reason="inbound_disabled", did=number, project=did.project,
+                      **fields)
+            return
         if did is None or did.route not in self.apps:
             self._reject(request, txn, 404, "Not Found")
             self.refused["unknown_did"] += 1

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -50,9 +50,9 @@ CREATE TABLE IF NOT EXISTS projects (
     key_fingerprint TEXT NOT NULL DEFAULT ''
 );
 """
-COLUMNS = "app_id, key_hash, name, data, webhook_secret, key_fingerprint"
-SECRET_FIELDS = ("app_id", "app_key", "name", "webhook_secret", "key_hash", "key_fingerprint")
-CACHE_TTL_S = 2.0  # how long a project read from the store is reused (a key reset elsewhere shows within this)
+COLUMNS = "app_id, key_hash, name, data, webhook_secret, key_fingerprint, created_at"
+SECRET_FIELDS = ("app_id", "app_key", "name", "webhook_secret", "key_hash", "key_fingerprint", "created_at")
+CACHE_TTL_S = 2.0  # how long a project read from the store is reused (a write by any process empties the cache)
 CACHE_SIZE = 256  # found projects only (an unknown app_id, name or number is never cached)
 
 
@@ -61,9 +61,19 @@ class Number:
     number: str
     inbound: bool = True  # calls to it reach the project (route "api" unless [[dids]] says otherwise)
     outbound: bool = True  # it may be the caller ID of the project's dial-out calls
+    country: str = ""  # as the project API was told (ISO 3166 alpha-2 or a name): shown, never used for routing
+    country_code: str = ""  # e.g. "1", "44": shown, never used for routing
+    route: str = "api"  # inbound calls: "api" (answered, on hold for the application) or "ivr" (the dial-in prompts)
 
     def public(self) -> dict[str, Any]:
-        return {"number": self.number, "in": self.inbound, "out": self.outbound}
+        out: dict[str, Any] = {"number": self.number, "in": self.inbound, "out": self.outbound}
+        if self.route != "api":
+            out["route"] = self.route
+        if self.country:
+            out["country"] = self.country
+        if self.country_code:
+            out["country_code"] = self.country_code
+        return out
 
 
 @dataclass
@@ -81,6 +91,18 @@ class Project:
     webhook_secret: str = field(default="", repr=False)  # signs the project's webhooks
     key_hash: str = field(default="", repr=False)
     key_fingerprint: str = ""  # the first 8 hex digits of SHA-256(app_key): tells keys apart, reveals nothing usable
+    # the CPaaS project document's own fields (`api.projects`): shown and searched, and what the gateway acts on
+    app_name: str = ""  # the name shown (may change; "" = name, which is fixed: rooms, DIDs and the CLI use it)
+    short_desc: str = ""
+    description: str = ""
+    category_id: int = 0  # 0: none given (projects made by the config file or the CLI)
+    services: list[str] = field(default_factory=lambda: ["voice", "video"])  # services_incl
+    voice_in: bool = True  # voice.in: calls to the project's numbers are taken (false: refused with 403)
+    voice_out: bool = True  # voice.out: the Voice API may dial out for the project (false: 403)
+    inbound_event_url: str = ""  # voice.inbound.event_url: webhooks of inbound calls (else notification_url)
+    video_notification_url: str = ""  # video.notification_url: stored and shown (the room service sends no webhooks)
+    video_numbers: list[Number] = field(default_factory=list)  # video.phone: the dial-in numbers room pages show
+    created_at: float = 0.0
 
     def public(self, with_key: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"app_id": self.app_id, "name": self.name,
@@ -99,6 +121,15 @@ class Project:
         return ProjectConfig(name=self.name, welcome_text=self.welcome_text, voice_type=self.voice_type,
                              language=self.language, notification_url=self.notification_url,
                              auto_record=self.auto_record)
+
+    def event_url(self, direction: str) -> str:
+        """Where a call's webhooks go when the call names none: voice.inbound.event_url for inbound calls, else
+        the project's notification_url."""
+        return (self.inbound_event_url if direction == "inbound" else "") or self.notification_url
+
+    def inbound_number(self, number: str) -> Number | None:
+        wanted = number.lstrip("+")
+        return next((n for n in self.numbers if n.inbound and n.number.lstrip("+") == wanted), None)
 
     def can_call_from(self, number: str) -> bool:
         wanted = number.lstrip("+")
@@ -134,6 +165,11 @@ def _secret() -> str:
     return base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
 
 
+def _number(n: dict[str, Any]) -> Number:
+    return Number(n["number"], n.get("in", True), n.get("out", True), n.get("country", ""), n.get("country_code", ""),
+                  n.get("route", "api"))
+
+
 def fingerprint(app_key: str) -> str:
     return hashlib.sha256(app_key.encode()).hexdigest()[:8]
 
@@ -144,6 +180,7 @@ class ProjectStore:
         self._key = store_key(self._db, data_dir)
         self._cache: OrderedDict[str, tuple[float, Project]] = OrderedDict()
         self._lock = threading.Lock()  # the room service reads from several threads
+        self._version = -1  # SQLite's data_version when the cache was last valid
         if "app_key" in {r[1] for r in self._db.execute("PRAGMA table_info(projects)")}:
             converted = rewrite(self._db, self._convert_clear_keys)
             if converted:
@@ -178,12 +215,15 @@ class ProjectStore:
         return len(rows)
 
     def _project(self, row: tuple[Any, ...]) -> Project:
-        app_id, key_hash, name, data, webhook, key_fingerprint = row
+        app_id, key_hash, name, data, webhook, key_fingerprint, created_at = row
         d = json.loads(data)
-        numbers = [Number(n["number"], n.get("in", True), n.get("out", True)) for n in d.pop("numbers", [])]
+        numbers = [_number(n) for n in d.pop("numbers", [])]
+        video = [_number(n) for n in d.pop("video_numbers", [])]
         secret = self._key.unseal(webhook, f"project:{app_id}:webhook_secret") if webhook else ""
-        return Project(app_id=app_id, app_key="", name=name, numbers=numbers, webhook_secret=secret,
-                       key_hash=key_hash, key_fingerprint=key_fingerprint, **d)
+        known = {f.name for f in fields(Project)}
+        return Project(app_id=app_id, app_key="", name=name, numbers=numbers, video_numbers=video, webhook_secret=secret,
+                       key_hash=key_hash, key_fingerprint=key_fingerprint, created_at=created_at,
+                       **{k: v for k, v in d.items() if k in known})
 
     def _save(self, p: Project) -> None:
         check_notification_url(p.notification_url)
@@ -191,6 +231,7 @@ class ProjectStore:
         for key in SECRET_FIELDS:
             data.pop(key)
         data["numbers"] = [n.public() for n in p.numbers]
+        data["video_numbers"] = [n.public() for n in p.video_numbers]
         with self._db:
             self._db.execute("UPDATE projects SET data=? WHERE app_id=?", (json.dumps(data), p.app_id))
         self._forget()
@@ -207,12 +248,13 @@ class ProjectStore:
         check_notification_url(settings.get("notification_url", ""))
         app_id, app_key, webhook = uuid.uuid4().hex, _secret(), _secret()
         project = Project(app_id=app_id, app_key=app_key, name=name, numbers=numbers or [], webhook_secret=webhook,
-                          key_hash=self._hash(app_id, app_key), key_fingerprint=fingerprint(app_key), **settings)
+                          key_hash=self._hash(app_id, app_key), key_fingerprint=fingerprint(app_key),
+                          created_at=time.time(), **settings)
         try:
             with self._db:
-                self._db.execute(f"INSERT INTO projects ({COLUMNS}, created_at) VALUES (?,?,?,?,?,?,?)",
+                self._db.execute(f"INSERT INTO projects ({COLUMNS}) VALUES (?,?,?,?,?,?,?)",
                                  (app_id, project.key_hash, name, "{}", self._seal_webhook(app_id, webhook),
-                                  project.key_fingerprint, time.time()))
+                                  project.key_fingerprint, project.created_at))
         except sqlite3.IntegrityError:
             raise ValueError(f"name: a project named {name!r} exists") from None
         self._save(project)
@@ -286,6 +328,10 @@ class ProjectStore:
         primary key and no memory."""
         now = time.monotonic()
         with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:  # another process wrote (a key reset, a PATCH): nothing cached holds
+                self._version = version
+                self._cache.clear()
             hit = self._cache.get(key)
             if cached and hit is not None and now - hit[0] < CACHE_TTL_S:
                 self._cache.move_to_end(key)
@@ -322,12 +368,14 @@ class ProjectStore:
         wanted = number.lstrip("+")
 
         def load() -> Project | None:
-            for project in self.list():
-                if any(n.inbound and n.number.lstrip("+") == wanted for n in project.numbers):
-                    return project
-            return None
+            return next((p for p in self.list() if p.inbound_number(wanted) is not None), None)
 
         return self._cached(f"number:{wanted}", load, True)
+
+    def number_owner(self, number: str) -> Project | None:
+        """The project holding this number (in or out), if any: a number belongs to one project."""
+        wanted = number.lstrip("+")
+        return next((p for p in self.list() if any(n.number.lstrip("+") == wanted for n in p.numbers)), None)
 
     def list(self) -> list[Project]:
         return [self._project(r) for r in self._db.execute(f"SELECT {COLUMNS} FROM projects ORDER BY created_at")]

@@ -442,6 +442,9 @@ class RoomService:
     def dial_in_numbers(self, room: dict[str, Any]) -> list[str]:
         """The numbers that reach this room: IVR numbers of its project (or shared by every project), and
         numbers routed straight to it."""
+        project = self.projects.by_name(room["project"])
+        if project is not None and project.video_numbers:  # the project API's video.phone: the project's own list
+            return [n.number if n.number.startswith("+") else f"+{n.number}" for n in project.video_numbers]
         out = []
         for did in self.config.dids:
             if (did.route == "ivr" and (did.any_project or did.project == room["project"])) or (
