@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3.11
-DEB_PACKAGES := sip-tester baresip-core espeak-ng libespeak-ng1 sox tshark chromium chromium-driver kamailio kamailio-tls-modules redis-server janus libjs-janus-gateway
+DEB_PACKAGES := sip-tester baresip-core espeak-ng libespeak-ng1 sox opus-tools tshark chromium chromium-driver kamailio kamailio-tls-modules redis-server janus libjs-janus-gateway
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test perf fuzz lint clean debs

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import shutil
 import ssl
 import tomllib
 import types
@@ -210,6 +211,8 @@ class RecordingsConfig:
 
     max_age_days: int = 0  # recordings older than this are deleted (swept hourly); 0 = kept until deleted
     flush_s: int = 1  # the writer thread appends what the media clock gathered this often (seconds)
+    format: str = "wav"  # wav (PCM16) | opus (Ogg Opus, encoded with opusenc when the recording ends)
+    notice: bool = False  # callers hear "this call is being recorded" when their recording starts
 
 
 @dataclass
@@ -523,6 +526,10 @@ def _validate(c: Config) -> None:
                 raise ConfigError(f"sip.{key}: {exc}") from None
     if c.recordings.max_age_days < 0 or not 1 <= c.recordings.flush_s <= 60:
         raise ConfigError("recordings.max_age_days (>= 0) / recordings.flush_s (1-60): out of range")
+    if c.recordings.format not in ("wav", "opus"):
+        raise ConfigError(f"recordings.format: wav or opus, not {c.recordings.format!r}")
+    if c.recordings.format == "opus" and shutil.which("opusenc") is None:
+        raise ConfigError("recordings.format = \"opus\" needs opusenc: install the Debian package opus-tools")
     for i, t in enumerate(c.trunks):
         if (t.tls_client_certificate or t.tls_client_names) and not ("tls" in c.sip.transports and c.sip.tls_client_ca):
             raise ConfigError(f"trunks[{i}].tls_client_certificate: mutual TLS needs tls in sip.transports and "

@@ -91,7 +91,8 @@ class Worker:
         operator = (config.room_service.api_user, service_secrets(config)["api_key"])  # one operator credential
         self.cpaas = CpaasApi(self.api, operator, self.voices, self.prompts.languages())
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.recording_store = RecordingStore(config.data_dir, name, config.recordings.flush_s, self._soon)
+        self.recording_store = RecordingStore(config.data_dir, name, config.recordings.flush_s, self._soon,
+                                              config.recordings.format)
         self.recordings = Recordings(self.api, self.recording_store, self.notifier)
         self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0

@@ -64,6 +64,18 @@ async def destroy_room(handle: JanusHandle, room: str, secret: str) -> Json:
     return await handle.request({"request": "destroy", "room": room, "secret": secret, "permanent": False})
 
 
+async def enable_recording(handle: JanusHandle, room: str, secret: str, record: bool, record_file: str = "",
+                           record_dir: str = "") -> Json:
+    """Start (`record_file` in `record_dir`, 16-bit WAV of the mix at the room's rate, mono) or stop recording the
+    room's mix; Janus writes the header's sizes when it closes the file."""
+    body: Json = {"request": "enable_recording", "room": room, "secret": secret, "record": record}
+    if record_file:
+        body["record_file"] = record_file
+    if record_dir:
+        body["record_dir"] = record_dir
+    return await handle.request(body)
+
+
 async def exists(handle: JanusHandle, room: str) -> bool:
     return bool((await handle.request({"request": "exists", "room": room})).get("exists"))
 

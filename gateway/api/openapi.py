@@ -101,8 +101,10 @@ OPENAPI: dict[str, Any] = {
         },
         "/voice/v1/recordings": {
             "get": {
-                "summary": "The project's recordings, newest first",
+                "summary": "The project's recordings (calls' and rooms'), newest first",
                 "parameters": [{"name": "voice_id", "in": "query", "required": False,
+                                "schema": {"type": "string", "maxLength": 64}},
+                               {"name": "room_id", "in": "query", "required": False,
                                 "schema": {"type": "string", "maxLength": 64}}],
                 "responses": {"200": _ok("RecordingList", "recordings"), "401": _COMMON["401"],
                               "429": _COMMON["429"]},

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from .. import log
+from ..apps.prompts import PromptError
+from ..apps.services import project_settings
 from ..calls.call import Call
-from ..store.recordings import FINISHED, RecordingStore
+from ..store.recordings import FINISHED, FORMATS, Recording, RecordingStore
 from .voice import PROJECT, ApiError, VoiceApi
 from .webhooks import Notifier, timestamp
-
-if TYPE_CHECKING:
-    from ..store.recordings import Recording
 
 logger = logging.getLogger("gateway.recordings")
 
@@ -43,6 +42,7 @@ class Recordings:
         self.store = store
         self.notifier = notifier
         self.active: dict[str, Recording] = {}  # voice_id -> its recording in progress
+        self._notices: set[asyncio.Task[None]] = set()
 
     # -- calls
     def on_call_event(self, call: Call, state: str, data: dict[str, Any]) -> None:
@@ -64,7 +64,27 @@ class Recordings:
         call.media.tap = recording.frame
         self.active[call.voice_id] = recording
         self.api.ua.cdr.event(call.voice_id, "recording_started", recording_id=recording.id, source=source)
+        if self.api.config.recordings.notice:
+            task = asyncio.get_running_loop().create_task(self._notice(call, recording))
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
         return recording
+
+    async def _notice(self, call: Call, recording: Recording) -> None:
+        """"This call is being recorded", in the project's voice, ahead of whatever the caller hears (a prompt is
+        paused, not cut); a CDR event says it was played (or why not)."""
+        services = self.api.services
+        settings = project_settings(services, str(call.info.get("project", "")))
+        try:
+            audio = await services.prompts.encoded(call.media.params.codec if call.media else "PCMU",
+                                                   "recording_notice", settings.language, settings.voice_type)
+        except PromptError as exc:
+            self.api.ua.cdr.event(call.voice_id, "recording_notice_failed", recording_id=recording.id, error=str(exc))
+            return
+        if call.ended.is_set() or call.audio is None:
+            return
+        call.audio.announce(audio)
+        self.api.ua.cdr.event(call.voice_id, "recording_notice", recording_id=recording.id)
 
     def stop(self, voice_id: str, reason: str) -> Recording | None:
         recording = self.active.pop(voice_id, None)
@@ -152,8 +172,9 @@ class Recordings:
         return out
 
     async def list_route(self, request: web.Request) -> web.Response:
-        voice_id = request.query.get("voice_id") or None
-        found = self.store.list(request[PROJECT].name, voice_id[:64] if voice_id else None)
+        voice_id, room_id = request.query.get("voice_id") or None, request.query.get("room_id") or None
+        found = self.store.list(request[PROJECT].name, voice_id[:64] if voice_id else None,
+                                room_id=room_id[:64] if room_id else None)
         return web.json_response({"recordings": [self.public(m) for m in found]})
 
     async def get_route(self, request: web.Request) -> web.Response:
@@ -164,8 +185,8 @@ class Recordings:
         path = self.store.file(request[PROJECT].name, meta["id"])
         if path is None:
             raise ApiError(409, "recording_not_ready", f"the recording is {meta['state']}", "recording_id")
-        return web.FileResponse(path, headers={"Content-Type": "audio/wav",
-                                               "Content-Disposition": f'attachment; filename="{meta["id"]}.wav"'})
+        return web.FileResponse(path, headers={"Content-Type": FORMATS.get(path.suffix[1:], "application/octet-stream"),
+                                               "Content-Disposition": f'attachment; filename="{path.name}"'})
 
     async def delete_route(self, request: web.Request) -> web.Response:
         meta = self._meta(request)

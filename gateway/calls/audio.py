@@ -54,6 +54,8 @@ class CallAudio:
         self._interruptible = True
         self._hold: bytes | None = None
         self._hold_pos = 0
+        self._notice: bytes | None = None  # `announce`: ahead of everything, a prompt paused meanwhile
+        self._notice_pos = 0
         self.digit_count = {"rfc4733": 0, "info": 0, "inband": 0}
         self.leg: Any = None  # the room leg once bridged (apps.services.RoomLeg)
         media.handler = self
@@ -84,6 +86,12 @@ class CallAudio:
         if self.leg is not None:  # packets relayed as they are, both ways
             self.leg.push(frame)
             room = self.leg.pull()
+        if self._notice is not None:
+            chunk = self._notice[self._notice_pos : self._notice_pos + FRAME]
+            self._notice_pos += FRAME
+            if self._notice_pos >= len(self._notice):
+                self._notice = None
+            return chunk + self.silence[: FRAME - len(chunk)]
         if self._done is not None:
             chunk = self._audio[self._pos : self._pos + FRAME]
             self._pos += FRAME
@@ -119,6 +127,12 @@ class CallAudio:
 
     def stop(self) -> None:
         self._finish(interrupted=True)
+
+    def announce(self, audio: bytes) -> None:
+        """Play encoded `audio` now, ahead of anything else: a prompt playing is paused (it goes on afterwards, not
+        cut), hold audio and the room wait. For what a caller must hear whatever the flow is doing (the recording
+        notice)."""
+        self._notice, self._notice_pos = (audio, 0) if audio else (None, 0)
 
     def hold(self, on: bool = True) -> None:
         self._hold = g711.encode(self.codec, _HOLD) if on else None

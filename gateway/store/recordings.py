@@ -1,8 +1,13 @@
 """Call recordings on disk: two-channel WAV, written by a thread of their own, crash-safe (issue 14).
 
-Layout: DATA_DIR/recordings/PROJECT/ID.wav and ID.json (what the API lists: voice_id, state, duration, size,
-SHA-256...). While a call records, its file is ID.part.wav and its metadata says "recording" and which worker
-writes it.
+Layout: DATA_DIR/recordings/PROJECT/ID.wav (or ID.opus) and ID.json (what the API lists: voice_id, state,
+duration, size, SHA-256...). While a call records, its file is ID.part.wav and its metadata says "recording" and
+which worker writes it.
+
+Opus in Ogg (`[recordings] format = "opus"`): the call is still written as WAV while it lasts (the crash-safe
+part), then `opusenc` (Xiph's opus-tools, the reference encoder: Debian's, installed by the Makefile) turns the
+finished WAV into ID.opus on a thread of its own, so a long encoding never holds back other calls' writes; the
+WAV goes once the Ogg file is whole. A crash before that: `repair` finishes the WAV and encodes it.
 
 The event loop never touches the disk: each media-clock tick hands the recording two G.711 frames (what the caller
 sent, what the caller heard: `Recording.frame`), gathered in memory and queued to the writer thread about once a
@@ -23,11 +28,13 @@ import os
 import queue
 import re
 import struct
+import subprocess
 import threading
 import time
 import uuid
 import wave
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +50,59 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RECORDING_ID = re.compile(r"[0-9a-f]{32}")
 HEADER = 44  # the stdlib writer's RIFF/fmt/data header for PCM
 FINISHED = ("ready", "repaired")  # the states whose file is whole and served
+FORMATS = {"wav": "audio/wav", "opus": "audio/ogg"}  # what a recording may be written as, and its media type
+OPUS_BITRATE_KBPS = 24  # per file (both channels): speech at 8 kHz needs no more
+ENCODE_TIMEOUT_S = 600
 Done = Callable[[dict[str, Any]], None]  # called on the event loop with the final metadata (ready or failed)
 
 
-def wav_header(data: int) -> bytes:
-    """The 44-byte header of a PCM16 stereo 8 kHz WAV holding `data` bytes (what the stdlib writer writes)."""
-    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 2, RATE, RATE * 4, 4, 16)
-            + b"data" + struct.pack("<I", data))
+def wav_header(data: int, channels: int = 2, rate: int = RATE) -> bytes:
+    """The 44-byte header of a PCM16 WAV holding `data` bytes (what the stdlib writer, and Janus, write)."""
+    block = 2 * channels
+    return (b"RIFF" + struct.pack("<I", 36 + data) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, 16) + b"data" + struct.pack("<I", data))
+
+
+def _header_matches(path: Path) -> bool:
+    """A PCM WAV whose RIFF size says the file's length: its writer has closed it. (Janus 1.1 writes the file's
+    whole length as the data chunk's size when it closes one: `_rewrite_header` puts the right one.)"""
+    try:
+        with path.open("rb") as f:
+            head = f.read(HEADER)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return (len(head) == HEADER and head[:4] == b"RIFF" and struct.unpack("<I", head[4:8])[0] == size - 8
+            and head[36:40] == b"data" and struct.unpack("<I", head[40:44])[0] in (size - HEADER, size))
+
+
+def _rewrite_header(path: Path, channels: int, rate: int) -> None:
+    """The header's sizes from the file's length (whole sample frames only)."""
+    block = 2 * channels
+    data = max(0, path.stat().st_size - HEADER) // block * block
+    with path.open("r+b") as f:
+        f.truncate(HEADER + data)
+        f.seek(0)
+        f.write(wav_header(data, channels, rate))
+
+
+def encode_opus(wav: Path, out: Path) -> None:
+    """Ogg Opus from a finished WAV, written beside `out` then renamed (a crash never leaves half a file under
+    `out`); RuntimeError if the encoder is missing or fails."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        result = subprocess.run(["opusenc", "--quiet", "--bitrate", str(OPUS_BITRATE_KBPS), str(wav), str(tmp)],
+                                capture_output=True, text=True, timeout=ENCODE_TIMEOUT_S)
+    except FileNotFoundError:
+        raise RuntimeError("opusenc not found: install the Debian package opus-tools") from None
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"opusenc took over {ENCODE_TIMEOUT_S} s") from None
+    if result.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"opusenc failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, out)
 
 
 def _private(path: Path) -> Any:
@@ -123,11 +176,16 @@ class Recording:
 
 class RecordingStore:
     def __init__(self, data_dir: Path | str, worker: str = "w1", flush_s: int = 1,
-                 notify: Callable[[Callable[[], None]], None] | None = None) -> None:
-        """`notify(fn)`: how the writer thread gets `fn` run on the event loop (loop.call_soon_threadsafe)."""
+                 notify: Callable[[Callable[[], None]], None] | None = None, fmt: str = "wav") -> None:
+        """`notify(fn)`: how the writer thread gets `fn` run on the event loop (loop.call_soon_threadsafe);
+        `fmt`: "wav" or "opus" (Ogg Opus, encoded when the recording ends)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"recordings.format: one of {', '.join(FORMATS)}")
         self.root = Path(data_dir) / "recordings"
         self.worker = worker
         self.flush_s = flush_s
+        self.format = fmt
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recordings-encoder")
         self.notify = notify or (lambda fn: fn())
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._writer, name="recordings-writer", daemon=True)
@@ -138,14 +196,15 @@ class RecordingStore:
         name = project if SAFE_NAME.fullmatch(project) else "x-" + hashlib.sha256(project.encode()).hexdigest()[:16]
         return self.root / name
 
-    def _paths(self, project: str, rid: str) -> tuple[Path, Path, Path]:
+    def _paths(self, project: str, rid: str, fmt: str = "wav") -> tuple[Path, Path, Path]:
+        """The file while recording, the finished file (ID.wav or ID.opus), the metadata."""
         folder = self.folder(project)
-        return folder / f"{rid}.part.wav", folder / f"{rid}.wav", folder / f"{rid}.json"
+        return folder / f"{rid}.part.wav", folder / f"{rid}.{fmt}", folder / f"{rid}.json"
 
     # -- the event loop's side
     def start(self, project: str, voice_id: str, codec: Callable[[], str], on_done: Done, **extra: Any) -> Recording:
         meta = {"id": uuid.uuid4().hex, "project": project, "voice_id": voice_id, "state": "recording",
-                "format": "wav", "channels": 2, "rate": RATE, "channel_layout": ["caller", "heard"],
+                "format": self.format, "channels": 2, "rate": RATE, "channel_layout": ["caller", "heard"],
                 "started_at": time.time(), "worker": self.worker, **extra}
         recording = Recording(self, meta, codec, on_done)
         self.submit(("open", recording))
@@ -157,12 +216,17 @@ class RecordingStore:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(30)
+        self._encoder.shutdown(wait=True)
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until the writer has done everything queued so far (tests, shutdown)."""
+        """Wait until the writer (and the encoder after it) has done everything queued so far (tests, shutdown)."""
         done = threading.Event()
         self._queue.put(("barrier", done))
-        done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        if done.wait(timeout):
+            encoded = threading.Event()
+            self._encoder.submit(encoded.set)
+            encoded.wait(max(0.0, deadline - time.monotonic()))
 
     # -- the writer thread
     def _writer(self) -> None:
@@ -181,18 +245,35 @@ class RecordingStore:
                 elif kind == "write" and not rec.failed:
                     self._append(rec, item[2], item[3])
                 elif kind == "close" and not rec.failed:
+                    if rec.meta["format"] == "opus":  # encoded on its own thread, announced from there
+                        self._close_wav(rec)
+                        self._encoder.submit(self._encode, rec, item[2])
+                        continue
                     self._finish(rec, item[2])
                 else:
                     continue
             except Exception as exc:  # noqa: BLE001 - a recording's failure never reaches the call or the thread
                 self._fail(rec, exc)
-            if not rec.announced and (kind == "close" or rec.failed):  # once: ready, or failed
-                rec.announced = True
-                meta = rec.meta
-                try:  # the loop may be gone (shutdown): the metadata on disk says it all the same
-                    self.notify(functools.partial(rec.on_done, meta))
-                except Exception:  # noqa: BLE001
-                    logger.debug("recording.notify_failed", exc_info=True)
+            if kind == "close" or rec.failed:
+                self._announce(rec)
+
+    def _announce(self, rec: Recording) -> None:
+        """Once: ready, or failed."""
+        if rec.announced:
+            return
+        rec.announced = True
+        try:  # the loop may be gone (shutdown): the metadata on disk says it all the same
+            self.notify(functools.partial(rec.on_done, rec.meta))
+        except Exception:  # noqa: BLE001
+            logger.debug("recording.notify_failed", exc_info=True)
+
+    def _encode(self, rec: Recording, reason: str) -> None:
+        """The encoder thread: the finished WAV becomes ID.opus, then the recording is ready."""
+        try:
+            self._finish(rec, reason)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(rec, exc)
+        self._announce(rec)
 
     def _open(self, rec: Recording) -> None:
         part, _, meta_path = self._paths(rec.meta["project"], rec.id)
@@ -218,14 +299,16 @@ class RecordingStore:
         pcm = np.take(g711.ULAW_DECODE if codec == "PCMU" else g711.ALAW_DECODE, raw)
         rec._wav.writeframes(pcm.astype("<i2", copy=False).tobytes())  # and the header: a crash loses at most this
 
+    def _close_wav(self, rec: Recording) -> None:
+        if rec._wav is not None:
+            rec._wav.close()  # the header's final sizes
+            rec._file.close()
+            rec._wav = rec._file = None
+
     def _finish(self, rec: Recording, reason: str) -> None:
-        assert rec._wav is not None
-        rec._wav.close()  # the header's final sizes
-        rec._file.close()
-        rec._wav = rec._file = None
-        part, final, meta_path = self._paths(rec.meta["project"], rec.id)
-        facts = self._facts(part)  # before the rename: a crash after it finds the file whole (`repair`)
-        os.replace(part, final)
+        self._close_wav(rec)
+        part, final, meta_path = self._paths(rec.meta["project"], rec.id, rec.meta["format"])
+        facts = self._publish(part, final, rec.meta)
         meta = {**rec.meta, "state": "ready", "ended_at": time.time(), "stop_reason": reason, **facts}
         rec.meta = meta
         _write_json(meta_path, meta)
@@ -241,7 +324,7 @@ class RecordingStore:
             except Exception:  # noqa: BLE001 - the disk that failed may fail the close too
                 pass
         rec._wav = rec._file = None
-        part, final, meta_path = self._paths(rec.meta["project"], rec.id)
+        part, final, meta_path = self._paths(rec.meta["project"], rec.id, rec.meta["format"])
         part.unlink(missing_ok=True)
         final.unlink(missing_ok=True)  # failed after the rename (the metadata's write): no file without its facts
         meta = {**rec.meta, "state": "failed", "ended_at": time.time(), "error": f"{type(exc).__name__}: {exc}"}
@@ -254,11 +337,95 @@ class RecordingStore:
                   error=meta["error"])
 
     @staticmethod
-    def _facts(path: Path) -> dict[str, Any]:
+    def _publish(part: Path, final: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """The finished WAV under its final name (encoded first for Opus); its size, duration and SHA-256. The facts
+        come before the rename: a crash after it finds the file whole (`repair`)."""
+        pcm = max(0, part.stat().st_size - HEADER)
+        duration = round(pcm / (meta.get("rate", RATE) * 2 * meta.get("channels", 2)), 2)
+        if final.suffix == ".opus":
+            try:
+                encode_opus(part, final)
+            except RuntimeError as exc:  # the audio is kept all the same: as the WAV it was recorded as
+                log.event(logger, "recording.encode_failed", logging.ERROR, recording_id=meta["id"], error=str(exc),
+                          kept="wav")
+                final = final.with_suffix(".wav")
+                facts: dict[str, Any] = {"format": "wav", "encode_error": str(exc)}
+            else:
+                facts = {"size": final.stat().st_size, "duration_s": duration, "sha256": _sha256(final)}
+                part.unlink()
+                return facts
+        else:
+            facts = {}
+        facts.update(size=part.stat().st_size, duration_s=duration, sha256=_sha256(part))
+        os.replace(part, final)
+        return facts
+
+    @staticmethod
+    def _facts(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         size = path.stat().st_size
-        return {"size": size, "duration_s": round(max(0, size - HEADER) / (RATE * 4), 2), "sha256": _sha256(path)}
+        if path.suffix == ".opus":
+            return {"size": size, "sha256": _sha256(path)}
+        rate, channels = meta.get("rate", RATE), meta.get("channels", 2)
+        return {"size": size, "duration_s": round(max(0, size - HEADER) / (rate * 2 * channels), 2),
+                "sha256": _sha256(path)}
+
+    # -- recordings another program writes (a room's mix, written by Janus's AudioBridge)
+    def begin_external(self, project: str, channels: int, rate: int, **extra: Any) -> tuple[dict[str, Any], Path]:
+        """The metadata of a recording some other program writes as ID.part.wav (saved, state "recording") and the
+        folder it goes in (made 0700)."""
+        meta = {"id": uuid.uuid4().hex, "project": project, "voice_id": "", "state": "recording",
+                "format": self.format, "channels": channels, "rate": rate, "started_at": time.time(),
+                "worker": self.worker, **extra}
+        part, _, meta_path = self._paths(project, meta["id"])
+        for folder in (self.root, part.parent):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_json(meta_path, meta)
+        return meta, part.parent
+
+    def finish_external(self, meta: dict[str, Any], reason: str, settle_s: float = 5.0) -> dict[str, Any]:
+        """Blocking (run it in a thread): once the writer has closed ID.part.wav (its header's size matches the
+        file, checked for up to `settle_s`), the file is made 0600 and published like a call's; a header that never
+        matched (the writer died) is rewritten from the file's length and the recording is "repaired". A missing
+        file fails the recording. The final metadata is saved and returned."""
+        part, final, meta_path = self._paths(meta["project"], meta["id"], meta.get("format", "wav"))
+        deadline = time.monotonic() + settle_s
+        closed = False
+        while part.exists():
+            closed = _header_matches(part)
+            if closed or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)  # the writer is another process: its closing is only seen on disk
+        if not part.exists():
+            meta = {**meta, "state": "failed", "ended_at": time.time(), "error": "the recording's file was not written"}
+            _write_json(meta_path, meta)
+            log.event(logger, "recording.failed", logging.ERROR, recording_id=meta["id"], error=meta["error"],
+                      room_id=meta.get("room_id"))
+            return meta
+        os.chmod(part, 0o600)
+        if not closed:  # the writer died with the file open
+            repaired = self._repair_one(meta, meta_path)
+            return repaired or {**meta, "state": "failed"}
+        _rewrite_header(part, meta.get("channels", 2), meta.get("rate", RATE))
+        facts = self._publish(part, final, meta)
+        meta = {**meta, "state": "ready", "ended_at": time.time(), "stop_reason": reason, **facts}
+        _write_json(meta_path, meta)
+        log.event(logger, "recording.ready", recording_id=meta["id"], room_id=meta.get("room_id"),
+                  duration_s=meta["duration_s"], size=meta["size"])
+        return meta
 
     # -- after a crash
+    def open_recordings(self) -> list[dict[str, Any]]:
+        """This worker's recordings still marked "recording" (a previous run stopped without finishing them)."""
+        found = []
+        for meta_path in sorted(self.root.glob("*/*.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if meta.get("state") == "recording" and meta.get("worker") == self.worker:
+                found.append(meta)
+        return found
+
     def repair(self) -> list[dict[str, Any]]:
         """This worker's recordings left open by a crash: the header rewritten from the file's length (whole frames
         only), the file published; their metadata (state "repaired") returned for the caller to report. A file that
@@ -278,22 +445,18 @@ class RecordingStore:
         return repaired
 
     def _repair_one(self, meta: dict[str, Any], meta_path: Path) -> dict[str, Any] | None:
-        part, final, _ = self._paths(meta["project"], meta["id"])
+        part, final, _ = self._paths(meta["project"], meta["id"], meta.get("format", "wav"))
         if not part.exists():
             if final.exists():  # finished, then cut before its metadata was written: whole already
-                meta = {**meta, "state": "ready", "ended_at": final.stat().st_mtime, **self._facts(final)}
+                meta = {**meta, "state": "ready", "ended_at": final.stat().st_mtime, **self._facts(final, meta)}
                 _write_json(meta_path, meta)
                 return meta
             _write_json(meta_path, {**meta, "state": "failed", "error": "the file was lost before the restart"})
             return None
-        data = max(0, part.stat().st_size - HEADER) // 4 * 4
-        with part.open("r+b") as f:
-            f.truncate(HEADER + data)
-            f.seek(0)
-            f.write(wav_header(data))  # whole: a crash may have come before the first header reached the disk
-        os.replace(part, final)
-        meta = {**meta, "state": "repaired", "ended_at": final.stat().st_mtime, "stop_reason": "gateway_restart",
-                **self._facts(final)}
+        # the whole header: a crash may have come before the first one reached the disk
+        _rewrite_header(part, meta.get("channels", 2), meta.get("rate", RATE))
+        facts = self._publish(part, final, meta)
+        meta = {**meta, "state": "repaired", "ended_at": time.time(), "stop_reason": "gateway_restart", **facts}
         _write_json(meta_path, meta)
         log.event(logger, "recording.repaired", logging.WARNING, voice_id=meta["voice_id"], recording_id=meta["id"],
                   duration_s=meta["duration_s"])
@@ -313,17 +476,19 @@ class RecordingStore:
         meta = self.get(project, rid)
         if meta is None or meta["state"] not in FINISHED:
             return None
-        path = self._paths(project, rid)[1]
+        path = self._paths(project, rid, meta.get("format", "wav"))[1]
         return path if path.exists() else None
 
-    def list(self, project: str, voice_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list(self, project: str, voice_id: str | None = None, limit: int = 100,
+             room_id: str | None = None) -> list[dict[str, Any]]:
         found = []
         for meta_path in self.folder(project).glob("*.json"):
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue
-            if meta.get("project") == project and (voice_id is None or meta.get("voice_id") == voice_id):
+            if meta.get("project") == project and (voice_id is None or meta.get("voice_id") == voice_id) and (
+                    room_id is None or meta.get("room_id") == room_id):
                 found.append(meta)
         return sorted(found, key=lambda m: m.get("started_at", 0), reverse=True)[:limit]
 
@@ -331,7 +496,7 @@ class RecordingStore:
         meta = self.get(project, rid)
         if meta is None or meta["state"] == "recording":
             return False
-        part, final, meta_path = self._paths(project, rid)
+        part, final, meta_path = self._paths(project, rid, meta.get("format", "wav"))
         final.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
         return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -194,3 +195,46 @@ def test_moderator_star5_locks_out_new_callers_and_browsers_and_star9_unmutes_al
     assert rows["15552220000"]["reason"] == "room_locked"
     states = [e["state"] for e in gw.cdr(rows["15551110000"]["voice_id"])["events"]]
     assert "room_locked" in states and "unmute_all" in states
+
+
+def test_the_moderator_records_the_room_from_the_page(bridge_gateway: Gateway, browsers: Any, tmp_path: Path) -> None:
+    """A moderator's page (440 Hz microphone) and a phone (1 kHz) in a room: Record on the page starts Janus's
+    recording of the mix, every page shows the Recording badge (screenshots at both sizes), Stop ends it; the file,
+    fetched through the Voice API by room_id, holds both the browser and the phone."""
+    from tests.integration.test_recordings import demo_client, download, mono
+    from tests.integration.test_room_page import fits
+
+    gw = bridge_gateway
+    _, room = api(gw, "POST", "/video/v1/rooms", {"name": "taped", "settings": {"sip": {"enabled": True}}})
+    host = browsers("host", 440.0)
+    host.join(room["links"]["host"], "Host")
+    tone = tmp_path / "phone.ul"
+    tone.write_bytes(g711.encode("PCMU", (8000 * np.sin(2 * np.pi * 1000 * np.arange(8000 * 40) / 8000)).astype(np.int16)))
+    steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(room["sip"]["pin"] + "#"),
+             f'  <nop><action><exec rtp_stream="{tone},-1,0"/></action></nop>', '  <pause milliseconds="20000"/>']
+    sf = ivr_scenario(tmp_path, steps, tail=0)
+    thread, result = run_in_thread(lambda: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", timeout=120))
+    hears(host, 1000, "the page to hear the phone (the mix is flowing)", 40)
+    host.click("#record")
+    wait_until(lambda: host.driver.execute_script("return !document.getElementById('recbadge').hidden"), 10,
+               "the Recording badge")
+    assert (host.gw().get("state") or {}).get("recording") is True
+    fits(host, "room-recording")
+    began = time.monotonic()
+    wait_until(lambda: time.monotonic() - began > 4, 10, "four seconds of the room")  # the recording's length
+    host.click("#record")
+    wait_until(lambda: host.driver.execute_script("return document.getElementById('recbadge').hidden"), 10,
+               "the badge gone once stopped")
+    client = demo_client(gw)
+    meta = wait_until(lambda: (r := client("GET", f"/voice/v1/recordings?room_id={room['room_id']}")[1]["recordings"])
+                      and r[0]["state"] == "ready" and r[0], 30, "the room recording ready")
+    assert meta["started_by"].startswith("participant:"), meta
+    status, data, _ = download(client, meta["url"])
+    assert status == 200
+    mix, rate = mono(data)
+    spectrum, freqs = np.abs(np.fft.rfft(mix)), np.fft.rfftfreq(len(mix), 1 / rate)
+    floor = float(np.median(spectrum))
+    for hz, who in ((440, "the browser"), (1000, "the phone")):
+        assert spectrum[(freqs > hz - 10) & (freqs < hz + 10)].max() > 20 * floor, f"{who} in the room recording"
+    thread.join(120)
+    assert result["value"].returncode == 0, result["value"].stdout[-2000:]

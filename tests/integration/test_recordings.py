@@ -246,3 +246,120 @@ def test_forged_recording_ids_are_404(tmp_path: Path) -> None:
         assert client("GET", "/voice/v1/recordings")[1] == {"recordings": []}
     finally:
         stop_gateway(gw)
+
+
+def test_opus_and_the_spoken_notice(tmp_path: Path, hooks: HookServer) -> None:
+    """`format = "opus"` and `notice = true`: a dial-in caller of an auto_record project hears "this call is being
+    recorded" first (its RTP captured and compared with the rendering; the welcome is paused, not cut), and the
+    recording is a two-channel Ogg Opus file (opusdec decodes it) that the webhook's SHA-256 matches."""
+    from gateway.apps.prompts import PromptLibrary, read_wav
+    from gateway.media import g711
+    from gateway.media.rtp import RtpPacket
+    from tests.conftest import ROOT
+    from tests.integration.media_tools import Capture
+    from tests.integration.test_project_api import _matches
+
+    config = recording_config(hooks).replace("[recordings]", "[recordings]\nformat = \"opus\"\nnotice = true", 1)
+    config = config.replace('format = "wav"', "", 1).replace("notice = false", "", 1)
+    gw = start_gateway(tmp_path, config, ALLOW_LOOPBACK)
+    try:
+        wait_until(lambda: '"prompts.ready"' in gw.log(), 60, "prompts")
+        media_port = 42000 + (gw.sip_port % 1000) * 2 + 20
+        lo, hi = gw.rtp_range
+        cap = Capture(tmp_path / "notice.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
+        try:
+            sf = ivr_scenario(tmp_path, ['  <pause milliseconds="6000"/>'], tail=0)
+            r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", media_port=media_port)
+            assert r.returncode == 0, r.stdout[-2000:]
+        finally:
+            cap.stop()
+        call = gw.wait_calls_ended(1)[0]
+        ready = wait_until(lambda: [e for e in hooks.events(call["voice_id"]) if e["state"] == "recording_ready"],
+                           30, "recording_ready")[0]
+        events = [e["state"] for e in gw.cdr(call["voice_id"])["events"]]
+        assert events.index("recording_started") < events.index("recording_notice"), events
+        payload = b"".join(RtpPacket.parse(p).payload for _, _, _, p in cap.udp_payloads())
+        heard = g711.decode("PCMU", payload).astype(float)
+        notice = read_wav(PromptLibrary(ROOT / "prompts", gw.data_dir / "prompts-cache").cache_path(
+            "This call is being recorded.", "en-US", "female")).astype(float)
+        start = next(i for i in range(0, len(heard) - 160, 160) if np.abs(heard[i : i + 160]).max() > 200)
+        assert _matches(heard[start:], notice), "the first thing the caller hears is the notice"
+        client = demo_client(gw)
+        status, data, headers = download(client, ready["url"])
+        assert status == 200 and headers["Content-Type"] == "audio/ogg" and data[:4] == b"OggS", headers
+        assert hashlib.sha256(data).hexdigest() == ready["sha256"]
+        ogg = tmp_path / "call.opus"
+        ogg.write_bytes(data)
+        decoded = subprocess.run(["opusdec", "--quiet", "--rate", "8000", str(ogg), str(tmp_path / "call.wav")],
+                                 capture_output=True, text=True, timeout=60)
+        assert decoded.returncode == 0, decoded.stderr
+        left, right, seconds = stereo((tmp_path / "call.wav").read_bytes())
+        assert abs(seconds - (call["ended_at"] - call["answered_at"])) < 0.5, (seconds, call)
+        assert np.sqrt(np.mean(right**2)) > 300, "the prompts (the notice, the welcome) on the heard channel"
+        assert not list((gw.data_dir / "recordings" / "demo").glob("*.wav")), "the WAV goes once the Ogg file is whole"
+    finally:
+        stop_gateway(gw)
+
+
+def mono(data: bytes) -> tuple[np.ndarray, int]:
+    import io
+
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getnchannels() == 1, w.getnchannels()
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(float), w.getframerate()
+
+
+def test_a_room_recording_has_every_phone_and_is_served_like_a_calls(tmp_path: Path, hooks: HookServer) -> None:
+    """Two phones (1 kHz, 600 Hz) in a room on the managed Janus; the Video API records the room's mix (Janus's
+    own recording) and stops it; recording_ready's SHA-256 matches the download, both tones are in it, the listing
+    by room_id finds it, another project gets 404; a second start while recording is 409; a room nobody is in
+    cannot record (409)."""
+    config = make_test_config().replace('notification_url = ""', f'notification_url = "{hooks.url}"', 1)
+    gw = start_gateway(tmp_path, config, ALLOW_LOOPBACK)
+    try:
+        wait_until(lambda: '"prompts.ready"' in gw.log() and '"rooms.started"' in gw.log(), 60, "prompts and rooms")
+        _, room = api(gw, "POST", "/video/v1/rooms", {"name": "taped", "settings": {"sip": {"enabled": True}}})
+        rid = room["room_id"]
+        assert api(gw, "POST", f"/video/v1/rooms/{rid}/recording")[0] == 409, "nobody in the room yet"
+        steps = {}
+        for name, freq, caller in (("a", 1000, "15551230001"), ("b", 600, "15551230002")):
+            sf = ivr_scenario(tmp_path / name, caller_steps(room, tone_file(tmp_path / f"{name}.ul", freq),
+                                                            '  <pause milliseconds="16000"/>'), caller=caller)
+            steps[name] = run_in_thread(lambda sf=sf: run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1",
+                                                                timeout=90))
+        wait_until(lambda: len(api(gw, "GET", f"/video/v1/rooms/{rid}/participants")[1]["participants"]) == 2, 40,
+                   "both phones in the room")
+        status, started = api(gw, "POST", f"/video/v1/rooms/{rid}/recording")
+        assert status == 200 and started["state"] == "recording", started
+        assert api(gw, "POST", f"/video/v1/rooms/{rid}/recording")[1]["error"]["code"] == "already_recording"
+        began = time.monotonic()
+        wait_until(lambda: time.monotonic() - began > 4, 10, "four seconds of the room")  # the recording's length
+        status, stopped = api(gw, "DELETE", f"/video/v1/rooms/{rid}/recording")
+        assert status == 200 and stopped["recording_id"] == started["recording_id"], stopped
+        for thread, result in steps.values():
+            thread.join(90)
+            assert result["value"].returncode == 0, result["value"].stdout[-1500:]
+        ready = hooks.first("recording_ready", 30)
+        assert ready["room_id"] == rid and ready["recording_id"] == started["recording_id"], ready
+        assert "repaired" not in ready, "Janus closed the file: published as it is, not repaired"
+        client = demo_client(gw)
+        status, data, headers = download(client, ready["url"])
+        assert status == 200 and headers["Content-Type"] == "audio/wav", headers
+        assert hashlib.sha256(data).hexdigest() == ready["sha256"]
+        mix, rate = mono(data)
+        assert rate == 16000 and 3.5 < len(mix) / rate < 6.5, (rate, len(mix) / rate)
+        spectrum = np.abs(np.fft.rfft(mix))
+        freqs = np.fft.rfftfreq(len(mix), 1 / rate)
+
+        def level(hz: float) -> float:
+            return float(spectrum[(freqs > hz - 10) & (freqs < hz + 10)].max())
+
+        assert level(1000) > 20 * np.median(spectrum) and level(600) > 20 * np.median(spectrum), "both phones"
+        listed = client("GET", f"/voice/v1/recordings?room_id={rid}")[1]["recordings"]
+        assert [r["id"] for r in listed] == [ready["recording_id"]] and listed[0]["voice_id"] == ""
+        acme = cli(gw.data_dir, "projects", "create", "--name", "acme")
+        assert download(VoiceClient(gw, acme["app_id"], acme["app_key"]), ready["url"])[0] == 404
+        path = next((gw.data_dir / "recordings" / "demo").glob(f"{ready['recording_id']}.wav"))
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        stop_gateway(gw)

@@ -160,3 +160,61 @@ def test_a_codec_switch_mid_call_is_decoded_as_sent(tmp_path: Path) -> None:
     assert peak(left[:4800]) == pytest.approx(1000, abs=10) and peak(left[4800:]) == pytest.approx(1000, abs=10)
     assert np.sqrt(np.mean(left[4800:] ** 2)) > 4000, "PCMA decoded as PCMA, not as noise"
     store.close()
+
+
+def _janus_file(folder: Path, name: str, samples: int, closed: bool) -> Path:
+    """A 16 kHz mono WAV as Janus's AudioBridge leaves it: closed (RIFF size right, data size = the file's whole
+    length, Janus 1.1's quirk) or still open (the sizes of an empty file)."""
+    from gateway.store.recordings import wav_header
+
+    pcm = (1000 * np.sin(2 * np.pi * 440 * np.arange(samples) / 16000)).astype("<i2").tobytes()
+    size = 44 + len(pcm)
+    head = bytearray(wav_header(0, 1, 16000))
+    if closed:
+        head[4:8] = (size - 8).to_bytes(4, "little")
+        head[40:44] = size.to_bytes(4, "little")
+    path = folder / name
+    path.write_bytes(bytes(head) + pcm)
+    return path
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_an_external_recording_is_published_when_its_writer_closed_it(tmp_path: Path, closed: bool) -> None:
+    store = RecordingStore(tmp_path, "rooms")
+    meta, folder = store.begin_external("acme", 1, 16000, room_id="r1")
+    assert (folder.stat().st_mode & 0o777) == 0o700 and store.get("acme", meta["id"])["state"] == "recording"
+    _janus_file(folder, f"{meta['id']}.part.wav", 16000 * 2, closed)
+    final = store.finish_external(meta, "api", settle_s=0.2)
+    assert final["state"] == ("ready" if closed else "repaired"), final
+    path = store.file("acme", meta["id"])
+    assert path is not None and (path.stat().st_mode & 0o777) == 0o600
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (1, 16000, 32000), "the header made right"
+    assert final["duration_s"] == 2.0 and final["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    store.close()
+
+
+def test_an_external_recording_never_written_fails(tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path, "rooms")
+    meta, _ = store.begin_external("acme", 1, 16000, room_id="r1")
+    final = store.finish_external(meta, "api", settle_s=0.1)
+    assert final["state"] == "failed" and store.get("acme", meta["id"])["state"] == "failed"
+    store.close()
+
+
+def test_opus_keeps_the_wav_when_the_encoder_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder that fails (here: none on PATH) never costs the audio: the WAV is published instead."""
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    done: list[dict[str, Any]] = []
+    store = RecordingStore(tmp_path, "w1", flush_s=1, fmt="opus")
+    rec = store.start("acme", "v-1", lambda: "PCMU", done.append)
+    for caller, heard in zip(tone(1000, 100), tone(600, 100), strict=True):
+        rec.frame(caller, heard)
+    rec.stop("hangup")
+    store.flush()
+    store.close()
+    meta = store.get("acme", rec.id)
+    assert meta is not None and meta["state"] == "ready" and meta["format"] == "wav", meta
+    assert "opusenc not found" in meta["encode_error"] and done and done[0]["state"] == "ready"
+    left, right, frames = channels(store.file("acme", rec.id))  # type: ignore[arg-type]
+    assert frames == 16000 and abs(peak(left) - 1000) < 10 and abs(peak(right) - 600) < 10

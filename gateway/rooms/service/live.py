@@ -27,6 +27,7 @@ from ... import log
 from ...adapters.janus import JanusError
 from ...config import Config
 from .janus_rooms import JanusPool, JanusRoom, JanusServer, ice_servers
+from .recording import RecordingError, RoomRecorder
 from .room import Participant, Room, drain, new_participant
 from .security import clean_name
 from .signalling import BrowserPeer
@@ -49,6 +50,7 @@ class LiveRooms:
         self.redis = redis
         self.rooms: dict[str, Room] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.recorder: RoomRecorder | None = None  # room recordings (the server sets it)
 
     def load(self, server: JanusServer) -> int:
         """Participants in the rooms placed on `server` (where the next room goes: the fewest)."""
@@ -69,7 +71,7 @@ class LiveRooms:
 
     # -- joining
     async def join(self, room_id: str, settings: dict[str, Any], ws: web.WebSocketResponse, data: dict[str, Any],
-                   moderator: bool) -> tuple[Room, Participant] | None:
+                   moderator: bool, project: str = "") -> tuple[Room, Participant] | None:
         """A `join` message: the participant in the room (its `joined` queued), or None (an error was sent).
         `moderator`: the socket was opened with a valid host link."""
         kind = data.get("kind", "browser")
@@ -93,6 +95,7 @@ class LiveRooms:
             room = self.rooms.get(room_id)
             if room is None:
                 room = self.rooms[room_id] = Room(room_id, settings)
+                room.project = project
             async with room.lock:
                 if room.closed:
                     continue
@@ -198,6 +201,8 @@ class LiveRooms:
         room.closed = True
         if self.rooms.get(room.id) is room:
             del self.rooms[room.id]
+        if room.recording is not None and self.recorder is not None:  # closed by Janus before the room goes
+            await self.recorder.stop(room, "room_closed")
         if room.media is not None:
             media, room.media = room.media, None
             await self.pool.destroy(media)
@@ -240,6 +245,8 @@ class LiveRooms:
                     return
                 who = list(room.participants.values())
                 room.media = None  # gone with the server: nothing to destroy
+                if room.recording is not None and self.recorder is not None:  # its file is repaired from its length
+                    await self.recorder.stop(room, "media_server_lost")
                 await self._forget(room.id)
             for p in who or []:
                 if room.participants.pop(p.id, None) is None:
@@ -306,6 +313,19 @@ class LiveRooms:
             room.locked = bool(data.get("locked", not room.locked))
             log.event(logger, "room.lock", room_id=room.id, participant_id=me.id, locked=room.locked)
             room.broadcast()
+
+    async def _record(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
+        """A moderator starts or stops recording the room's mix (`on`: true/false; absent: toggle)."""
+        if not self._moderator(me, "record") or self.recorder is None:
+            return
+        on = data.get("on", room.recording is None)
+        try:
+            if on is True and room.recording is None:
+                await self.recorder.start(room, room.project, f"participant:{me.id}")
+            elif on is False:
+                await self.recorder.stop(room, "moderator")
+        except RecordingError as exc:
+            me.send(error(exc.code, exc.message))
 
     async def _remove(self, room: Room, me: Participant, data: dict[str, Any]) -> None:
         target = room.participants.get(str(data.get("participant_id", "")))
@@ -389,7 +409,7 @@ class LiveRooms:
 
     HANDLERS: dict[str, Callable[[LiveRooms, Room, Participant, dict[str, Any]], Awaitable[None]]] = {
         "mute": _mute, "mute_all": _mute_all, "lock": _lock, "remove": _remove, "talking": _talking, "camera": _camera,
-        "rtp_joined": _rtp_joined, "offer": _offer, "answer": _answer, "leave": _leave,
+        "rtp_joined": _rtp_joined, "offer": _offer, "answer": _answer, "leave": _leave, "record": _record,
     }
 
     # -- where rooms are (several room services, or workers, can read it)

@@ -91,13 +91,15 @@ class Room:
         self.mute_lock = asyncio.Lock()  # mutes and unmutes: one at a time, in the order they were asked
         self.closed = False
         self.muted_on_entry = False  # after a moderator's mute-all (until unmute-all): newcomers join muted by it
+        self.project = ""  # the project owning the room (its recordings go to that project)
+        self.recording: dict[str, Any] | None = None  # the room recording in progress (its metadata)
 
     @property
     def moderator_present(self) -> bool:
         return any(p.role == "moderator" for p in self.participants.values())
 
     def state(self) -> dict[str, Any]:
-        return {"type": "state", "room_id": self.id, "locked": self.locked,
+        return {"type": "state", "room_id": self.id, "locked": self.locked, "recording": self.recording is not None,
                 "moderator_present": self.moderator_present,
                 "wait_for_moderator": bool(self.settings.get("wait_for_moderator")),
                 "participants": [p.public() for p in self.participants.values()]}

@@ -11,6 +11,8 @@ api_user:api_key, which sees every room and creates rooms in `project` (default:
     GET    /video/v1/rooms/{room_id}
     GET    /video/v1/rooms/{room_id}/participants
     DELETE /video/v1/rooms/{room_id}
+    POST   /video/v1/rooms/{room_id}/recording      record the room's mix while it is live (DELETE: stop); the file
+                                                     is listed and served by the Voice API (recording.py)
     Every source gets `auth_failures_per_minute` bad credentials, then 429 (Retry-After) until its minute ends.
 Page and signalling (the room_id is the capability; ?host=TOKEN makes a moderator):
     GET    /                         the start page: what this is, join by link or by meeting ID and PIN
@@ -70,6 +72,7 @@ from ..directory import pin_key, publish_room, unpublish_room
 from . import security
 from .janus_rooms import JanusPool, janus_urls
 from .live import MAX_NAME, LiveRooms
+from .recording import RecordingError, RoomRecorder
 
 logger = logging.getLogger("gateway.rooms")
 PROJECT = web.RequestKey("project", str)  # the authenticated project; absent: the service's own credentials
@@ -222,6 +225,7 @@ class RoomService:
         self.live = LiveRooms(config, self.pool,
                               lambda room_id, role, token: check_phone_token(self.secret, room_id, role, token),
                               self.redis)
+        self.recorder = self.live.recorder = RoomRecorder(config, self.projects)
 
     def room_json(self, room: dict[str, Any]) -> dict[str, Any]:
         live = self.live.rooms.get(room["room_id"])
@@ -365,6 +369,30 @@ class RoomService:
         await self.live.delete(room_id)
         log.event(logger, "room.deleted", room_id=room_id)
         return web.json_response({"room_id": room_id, "state": "deleted"})
+
+    async def recording(self, request: web.Request) -> web.Response:
+        """POST: record the room's mix (the room must be live: someone in it); DELETE: stop. The file is listed and
+        served by the Voice API (/voice/v1/recordings?room_id=) with the project's credentials."""
+        room_id = request.match_info["room_id"]
+        record = await self._visible(request)
+        live = self.live.rooms.get(room_id)
+        if record is None:
+            return error(404, "room_not_found", "no room with this room_id")
+        try:
+            if request.method == "POST":
+                if live is None:
+                    raise RecordingError("room_not_live", "nobody is in the room: a room records while it is live")
+                async with live.lock:
+                    meta = await self.recorder.start(live, record["project"], "api")
+                state = "recording"
+            else:
+                stopped = await self.recorder.stop(live, "api") if live is not None else None
+                if stopped is None:
+                    raise RecordingError("not_recording", "the room is not being recorded")
+                meta, state = stopped, "stopped"
+        except RecordingError as exc:
+            return error(exc.status, exc.code, exc.message)
+        return web.json_response({"state": state, "room_id": room_id, "recording_id": meta["id"]})
 
     async def dial(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
@@ -585,7 +613,8 @@ class RoomService:
                         if data.get("type") == "leave":
                             break
                     elif data.get("type") == "join":
-                        joined = await self.live.join(room_id, record.get("settings", {}), ws, data, moderator)
+                        joined = await self.live.join(room_id, record.get("settings", {}), ws, data, moderator,
+                                                      record.get("project", ""))
                     else:
                         await ws.send_json({"type": "error", "code": "not_joined", "message": "join first"})
                 except (ConnectionError, RuntimeError) as exc:  # the socket went while we answered
@@ -615,6 +644,8 @@ class RoomService:
         app.router.add_get("/video/v1/rooms/{room_id}", self.get_room)
         app.router.add_get("/video/v1/rooms/{room_id}/participants", self.participants)
         app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
+        app.router.add_post("/video/v1/rooms/{room_id}/recording", self.recording)
+        app.router.add_delete("/video/v1/rooms/{room_id}/recording", self.recording)
         app.router.add_get("/", self.start_page)
         app.router.add_get("/favicon.ico", self.favicon)
         app.router.add_get("/static/{name}", self.asset)
@@ -629,6 +660,7 @@ class RoomService:
     async def close(self) -> None:
         """After the HTTP server stopped: everyone out, Janus rooms destroyed, stores closed."""
         await self.live.close()
+        await self.recorder.close()
         await self.pool.close()
         self.store.close()
         self.projects.close()
@@ -642,6 +674,7 @@ def serve(config: Config) -> None:
 
     async def main() -> None:
         service = RoomService(config)
+        recordings = asyncio.get_running_loop().create_task(service.recorder.start_service(service.pool))
         runner = web.AppRunner(service.app(), access_log=None)
         await runner.setup()
         rs = config.room_service
@@ -653,6 +686,7 @@ def serve(config: Config) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        recordings.cancel()
         await service.live.close()  # participants told first (their sockets closed), then the server stops
         await runner.cleanup()
         await service.close()

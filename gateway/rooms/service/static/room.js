@@ -201,6 +201,9 @@ function render() {
   const mine = me();
   $("count").textContent = "(" + s.participants.length + ")" + (s.locked ? " · locked" : "");
   $("lock").textContent = s.locked ? "Unlock the room" : "Lock the room";
+  $("record").textContent = s.recording ? "Stop recording" : "Record";
+  $("record").setAttribute("aria-pressed", s.recording ? "true" : "false");
+  $("recbadge").hidden = !s.recording;  // everyone sees that the room is being recorded
   $("modbar").classList.toggle("hidden", gw.role !== "moderator");
   const muted = !!(mine && mine.muted);
   const mic = media.local && media.local.getAudioTracks()[0];
@@ -493,8 +496,9 @@ async function join() {
       });
     } else if (m.type === "offer" && m.pc === "sub") { subscriberOffer(m); }
     else if (m.type === "state") {
-      const before = me(); gw.state = m; const after = me();
+      const before = me(), wasRecording = !!(gw.state && gw.state.recording); gw.state = m; const after = me();
       if (after && after.muted_by_moderator && !(before && before.muted_by_moderator)) notice("A moderator muted you");
+      if (m.recording !== wasRecording) notice(m.recording ? "This meeting is being recorded" : "Recording stopped");
       render();
     } else if (m.type === "removed" || m.type === "room_closed") { end(m.type); }
     else if (m.type === "error") {
@@ -578,6 +582,7 @@ $("rejoin").onclick = () => {
 $("muteall").onclick = () => send({ type: "mute_all", muted: true });
 $("unmuteall").onclick = () => send({ type: "mute_all", muted: false });
 $("lock").onclick = () => send({ type: "lock", locked: !(gw.state && gw.state.locked) });
+$("record").onclick = () => send({ type: "record", on: !(gw.state && gw.state.recording) });
 setButton($("peoplebtn"), "people", "People and meeting details", false);
 setButton($("leave"), "leave", "Leave the meeting", false);
 $("leave").classList.remove("off");
