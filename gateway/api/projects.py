@@ -39,9 +39,7 @@ from aiohttp import web
 
 from .. import log
 from ..apps.prompts import ProjectVoices
-from ..sources import source_key
 from ..store.projects import Number, Project, check_notification_url, normalize_number
-from .guards import client_source
 from .openapi import OPENAPI
 from .voice import ApiError, VoiceApi, basic_credentials
 
@@ -97,6 +95,7 @@ def _as_cpaas(exc: ApiError) -> CpaasError:
     if isinstance(exc, CpaasError):
         return exc
     code = exc.code if exc.code in CODES else "internal_error" if exc.status >= 500 else "invalid_input"
+    # (a 4xx of aiohttp's own, "http_error", keeps its status under 1005)
     error = CpaasError(code, exc.message, exc.field, exc.retry_after)
     error.status = exc.status
     return error
@@ -162,28 +161,7 @@ class CpaasApi:
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith("/cpaas/"):
             return await handler(request)  # type: ignore[no-any-return]
-        source = source_key(client_source(request, self.voice.trusted_proxies))
-        try:
-            request[CALLER] = self._authenticate(request.headers.get("Authorization", ""), source)
-            return await handler(request)  # type: ignore[no-any-return]
-        except ApiError as exc:
-            error = _as_cpaas(exc)
-            self.voice._rejected(request, source, error)
-            return error.response()
-        except web.HTTPException as exc:  # unknown route, wrong method, body too large: the document's shape too
-            if exc.status < 400:
-                raise
-            code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "invalid_input")
-            error = CpaasError(code, exc.reason)
-            error.status = exc.status
-            self.voice._rejected(request, source, error)
-            r = error.response()
-            if exc.status == 405 and "Allow" in exc.headers:
-                r.headers["Allow"] = exc.headers["Allow"]
-            return r
-        except Exception:
-            logger.exception("api.failed", extra={"fields": {"path": request.path[:200], "method": request.method}})
-            return CpaasError("internal_error", "the gateway failed to handle this request (logged)").response()
+        return await self.voice.guarded(request, handler, CALLER, self._authenticate, _as_cpaas)
 
     def _authenticate(self, header: str, source: str) -> Project | None:
         """The project whose credentials these are, or None for the operator's; 401/429 as the Voice API."""

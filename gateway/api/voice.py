@@ -25,6 +25,7 @@ import base64
 import logging
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -134,26 +135,34 @@ class VoiceApi:
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith("/voice/"):
             return await handler(request)  # type: ignore[no-any-return]
+        return await self.guarded(request, handler, PROJECT, self._authenticate)
+
+    async def guarded(self, request: web.Request, handler: Any, key: web.RequestKey[Any],
+                      authenticate: Callable[[str, str], Any],
+                      shape: Callable[[ApiError], ApiError] = lambda e: e) -> web.StreamResponse:
+        """Authenticate (the result under `key`), run the handler, and answer every failure as JSON in the API's
+        shape (`shape` turns an ApiError into another API's): a refusal is one log line, never a traceback."""
         source = source_key(client_source(request, self.trusted_proxies))
+        allow = None
         try:
-            request[PROJECT] = self._authenticate(request.headers.get("Authorization", ""), source)
+            request[key] = authenticate(request.headers.get("Authorization", ""), source)
             return await handler(request)  # type: ignore[no-any-return]
         except ApiError as exc:
-            self._rejected(request, source, exc)
-            return exc.response()
+            error = shape(exc)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: JSON too
             if exc.status < 400:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
-            error = ApiError(exc.status, code, exc.reason)
-            self._rejected(request, source, error)
-            r = error.response()
-            if exc.status == 405 and "Allow" in exc.headers:
-                r.headers["Allow"] = exc.headers["Allow"]
-            return r
+            error = shape(ApiError(exc.status, code, exc.reason))
+            allow = exc.headers.get("Allow") if exc.status == 405 else None
         except Exception:
             logger.exception("api.failed", extra={"fields": {"path": request.path[:200], "method": request.method}})
-            return ApiError(500, "internal_error", "the gateway failed to handle this request (logged)").response()
+            return shape(ApiError(500, "internal_error", "the gateway failed to handle this request (logged)")).response()
+        self._rejected(request, source, error)
+        r = error.response()
+        if allow:
+            r.headers["Allow"] = allow
+        return r
 
     def _authenticate(self, header: str, source: str) -> Project:
         """The project whose app_id:app_key the Basic credentials carry. A source past its failure limit gets 429

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,3 +85,23 @@ def inband(path: Path, keys: str) -> str:
 def ivr_scenario(tmp: Path, steps: list[str], caller: str = "15551230000", end: str = "caller", tail: int = 2500) -> Path:
     end_xml = (CALLER_BYE if end == "caller" else GATEWAY_BYE) % {"caller": caller, "tail": tail}
     return scenario(tmp, "ivr_caller.xml", input="\n".join(steps), end=end_xml, caller=caller)
+
+
+def heard_by_caller(gw: Any, tmp: Path, number: str, pause_ms: int, port_offset: int = 0) -> np.ndarray:
+    """A sipp caller dials `number`, listens `pause_ms` and hangs up; what it heard (the gateway's RTP captured on
+    the wire by tshark, decoded in arrival order)."""
+    from gateway.media.rtp import RtpPacket
+    from tests.conftest import run_sipp
+    from tests.integration.media_tools import Capture
+
+    media_port = 42000 + (gw.sip_port % 1000) * 2 + port_offset
+    lo, hi = gw.rtp_range
+    cap = Capture(tmp / f"heard-{number}.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
+    try:
+        sf = ivr_scenario(tmp, [f'  <pause milliseconds="{pause_ms}"/>'], tail=0)
+        r = run_sipp(gw.sip, "-sf", str(sf), "-s", number, "-m", "1", media_port=media_port)
+        assert r.returncode == 0, r.stdout[-2000:]
+    finally:
+        cap.stop()
+    payload = b"".join(RtpPacket.parse(p).payload for _, _, _, p in cap.udp_payloads())
+    return g711.decode("PCMU", payload).astype(float)  # type: ignore[no-any-return]

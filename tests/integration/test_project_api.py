@@ -18,11 +18,8 @@ import numpy as np
 import pytest
 
 from gateway.apps.prompts import PromptLibrary, read_wav
-from gateway.media import g711
-from gateway.media.rtp import RtpPacket
 from tests.conftest import ROOT, Gateway, make_test_config, run_sipp, scenario, start_gateway, stop_gateway, wait_until
-from tests.integration.ivr_tools import ivr_scenario
-from tests.integration.media_tools import Capture
+from tests.integration.ivr_tools import heard_by_caller
 from tests.integration.voice_tools import VoiceClient
 
 IVR_NUMBER = "15550107777"  # given route "ivr" through the API
@@ -219,17 +216,7 @@ def test_a_patched_welcome_text_is_what_the_next_caller_hears(gw: Gateway, tmp_p
     wait_until(ready, 90, "the new welcome text rendered")
     rendering = PromptLibrary(ROOT / "prompts", gw.data_dir / "prompts-cache").cache_path(NEW_WELCOME, "en-US", "female")
     expected = read_wav(rendering).astype(float)
-    media_port = 42000 + (gw.sip_port % 1000) * 2 + 10
-    lo, hi = gw.rtp_range
-    cap = Capture(tmp_path / "welcome.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
-    try:
-        sf = ivr_scenario(tmp_path, ['  <pause milliseconds="3000"/>'], tail=0)
-        r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_NUMBER, "-m", "1", media_port=media_port)
-        assert r.returncode == 0, r.stdout[-2000:]
-    finally:
-        cap.stop()
-    payload = b"".join(RtpPacket.parse(p).payload for _, _, _, p in cap.udp_payloads())
-    heard = g711.decode("PCMU", payload[: 8000 * 2]).astype(float)
+    heard = heard_by_caller(gw, tmp_path, IVR_NUMBER, 3000, port_offset=10)[: 8000 * 2]
     assert np.sqrt(np.mean(heard**2)) > 500, "the caller hears speech"
     assert _matches(heard, expected), "what the caller hears is the new welcome text's rendering"
 

@@ -253,10 +253,8 @@ def test_opus_and_the_spoken_notice(tmp_path: Path, hooks: HookServer) -> None:
     recorded" first (its RTP captured and compared with the rendering; the welcome is paused, not cut), and the
     recording is a two-channel Ogg Opus file (opusdec decodes it) that the webhook's SHA-256 matches."""
     from gateway.apps.prompts import PromptLibrary, read_wav
-    from gateway.media import g711
-    from gateway.media.rtp import RtpPacket
     from tests.conftest import ROOT
-    from tests.integration.media_tools import Capture
+    from tests.integration.ivr_tools import heard_by_caller
     from tests.integration.test_project_api import _matches
 
     config = recording_config(hooks).replace("[recordings]", "[recordings]\nformat = \"opus\"\nnotice = true", 1)
@@ -264,22 +262,12 @@ def test_opus_and_the_spoken_notice(tmp_path: Path, hooks: HookServer) -> None:
     gw = start_gateway(tmp_path, config, ALLOW_LOOPBACK)
     try:
         wait_until(lambda: '"prompts.ready"' in gw.log(), 60, "prompts")
-        media_port = 42000 + (gw.sip_port % 1000) * 2 + 20
-        lo, hi = gw.rtp_range
-        cap = Capture(tmp_path / "notice.pcap", f"udp and dst port {media_port} and src portrange {lo}-{hi}")
-        try:
-            sf = ivr_scenario(tmp_path, ['  <pause milliseconds="6000"/>'], tail=0)
-            r = run_sipp(gw.sip, "-sf", str(sf), "-s", IVR_DID, "-m", "1", media_port=media_port)
-            assert r.returncode == 0, r.stdout[-2000:]
-        finally:
-            cap.stop()
+        heard = heard_by_caller(gw, tmp_path, IVR_DID, 6000, port_offset=20)
         call = gw.wait_calls_ended(1)[0]
         ready = wait_until(lambda: [e for e in hooks.events(call["voice_id"]) if e["state"] == "recording_ready"],
                            30, "recording_ready")[0]
         events = [e["state"] for e in gw.cdr(call["voice_id"])["events"]]
         assert events.index("recording_started") < events.index("recording_notice"), events
-        payload = b"".join(RtpPacket.parse(p).payload for _, _, _, p in cap.udp_payloads())
-        heard = g711.decode("PCMU", payload).astype(float)
         notice = read_wav(PromptLibrary(ROOT / "prompts", gw.data_dir / "prompts-cache").cache_path(
             "This call is being recorded.", "en-US", "female")).astype(float)
         start = next(i for i in range(0, len(heard) - 160, 160) if np.abs(heard[i : i + 160]).max() > 200)
