@@ -249,12 +249,14 @@ class Call:
                          self._sdp_session, self._sdp_version, proto=p.proto, crypto=crypto)
 
     def offer_sdp(self) -> bytes:
-        """An offer of ours: every configured codec, telephone-event, the transport and keys the trunk says."""
+        """An offer of ours: every configured codec (or `offer_codecs`), telephone-event, the transport and keys the
+        trunk says."""
         assert self.media is not None
         rtp = self.ua.config.rtp
         proto, crypto = self.offer_crypto()
         self._our_offer = OurOffer(proto, crypto)  # the answer must keep the transport and pick one of the lines
-        return build_sdp(self.ua.media_host, self.media.port, [(c, 0 if c == "PCMU" else 8) for c in rtp.codecs],
+        codecs = self.offer_codecs or tuple(rtp.codecs)
+        return build_sdp(self.ua.media_host, self.media.port, [(c, 0 if c == "PCMU" else 8) for c in codecs],
                          rtp.telephone_event_pt, self.media.params.direction, self._sdp_session, self._sdp_version,
                          proto=proto, crypto=crypto)
 
@@ -266,6 +268,7 @@ class Call:
                 **({"srtp_suite": crypto.suite} if crypto is not None else {})}
 
     _our_offer = OurOffer()  # the transport and crypto lines of the SDP we sent last
+    offer_codecs: tuple[str, ...] = ()  # the codecs our offers name; () = rtp.codecs (a forwarded leg: the caller's)
 
     _answered_once = False
 

@@ -1,0 +1,148 @@
+"""The sip_forward connector's parts without sockets: its configuration (pools, headers, per-DID and per-project
+choice), the header templates, the Request-URI, failover codes, member order, RFC 4733 re-stamping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.apps.services import IvrServices, MissingPool
+from gateway.config import Config, ConfigError, DidConfig, ForwardPoolConfig, ProjectConfig, load_config
+from gateway.media.rtp import RtpPacket
+from gateway.rooms.sip_forward import SipForwardConnector, failover, relay_event, render_headers, request_uri
+
+POOL = """
+[[forward_pools]]
+name = "jitsi"
+targets = ["sip:127.0.0.1:5091", "sip:jigasi@127.0.0.1:5092;transport=tcp"]
+domain = "meet.example.org"
+ring_timeout_s = 5
+[forward_pools.headers]
+X-Room-Id = "{room_id}"
+X-Room-Role = "{role}"
+Jitsi-Conference-Room = "{room_name}@{domain}"
+"""
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return load_config(path, environ={})
+
+
+def test_a_pool_and_its_use_by_a_did_and_a_project(tmp_path: Path) -> None:
+    c = load(tmp_path, POOL + """
+[[projects]]
+name = "demo"
+forward_pool = "jitsi"
+
+[[dids]]
+number = "15550100000"
+route = "ivr"
+project = "demo"
+connector = "janus"
+
+[[dids]]
+number = "15550100009"
+route = "ivr"
+project = "demo"
+connector = "sip_forward"
+forward_pool = "jitsi"
+""")
+    pool = c.forward_pools[0]
+    assert pool.name == "jitsi" and pool.ring_timeout_s == 5 and pool.domain == "meet.example.org"
+    assert pool.headers == {"X-Room-Id": "{room_id}", "X-Room-Role": "{role}",
+                            "Jitsi-Conference-Room": "{room_name}@{domain}"}
+    assert c.projects[0].forward_pool == "jitsi"
+    janus, forwarder = object(), object()
+    services = IvrServices(c, None, None, None, connector=janus, forwarders={"jitsi": forwarder})  # type: ignore[arg-type]
+    project = c.projects[0]
+    assert services.connector_for(c.did("15550100000"), project) is janus  # the DID says janus: the project's pool waits
+    assert services.connector_for(c.did("15550100009"), project) is forwarder
+    assert services.connector_for(None, project) is forwarder  # a dial-out of the project
+    assert services.connector_for(DidConfig(number="1"), ProjectConfig(name="other")) is janus  # the default
+    missing = services.connector_for(None, ProjectConfig(name="stored", forward_pool="gone"))
+    assert isinstance(missing, MissingPool)  # a stored project naming a pool the config lacks: joins fail cleanly
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ('[[forward_pools]]\nname = "p"\ntargets = []\n', "forward_pools[0].targets"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["http://x"]\n', "forward_pools[0].targets[0]"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h?X-Evil=1"]\n', "forward_pools[0].targets[0]"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\n[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\n',
+     "forward_pools[1].name"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X Room" = "a"}\n', "forward_pools[0].headers.X Room"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"Via" = "a"}\n', "forward_pools[0].headers.Via"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = "a\\r\\nX-B: b"}\n',
+     "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = "{pin}"}\n', "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = "{room_id.__class__}"}\n',
+     "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = "{room_id!r}"}\n',
+     "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = "{room_id"}\n', "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nheaders = {"X-A" = 3}\n', "forward_pools[0].headers.X-A"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nring_timeout_s = 0\n', "forward_pools[0].ring_timeout_s"),
+    ('[[forward_pools]]\nname = "p"\ntargets = ["sip:h"]\nusername = "u"\n', "forward_pools[0]"),
+    ('[[projects]]\nname = "demo"\nforward_pool = "nope"\n', "projects[0].forward_pool"),
+    ('[[projects]]\nname = "demo"\n[[dids]]\nnumber = "1555"\nproject = "demo"\nconnector = "sip_forward"\n',
+     "dids[0].forward_pool"),
+    ('[[projects]]\nname = "demo"\n[[dids]]\nnumber = "1555"\nproject = "demo"\nconnector = "jitsi"\n',
+     "dids[0].connector"),
+    ('[[projects]]\nname = "demo"\n[[dids]]\nnumber = "1555"\nproject = "demo"\nforward_pool = "nope"\n',
+     "dids[0].forward_pool"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, extra: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, extra)
+    assert f"gateway.toml: {key}:" in str(err.value)
+
+
+def test_headers_are_templated_and_user_text_cannot_inject_a_header() -> None:
+    templates = {"X-Room-Id": "{room_id}", "X-Room-Role": "{role}", "Jitsi-Conference-Room": "{room_name}@{domain}",
+                 "X-Meeting": "id {meeting_id} {{literal}}"}
+    values = {"room_id": "r1", "role": "moderator", "room_name": "Standup\r\nX-Evil: 1", "meeting_id": "123456789",
+              "domain": "meet.example.org"}
+    assert render_headers(templates, values) == [
+        ("X-Room-Id", "r1"), ("X-Room-Role", "moderator"), ("Jitsi-Conference-Room", "StandupX-Evil: 1@meet.example.org"),
+        ("X-Meeting", "id 123456789 {literal}")]
+
+
+def test_request_uri_failover_codes_and_member_order() -> None:
+    assert request_uri("sip:127.0.0.1:5091", "3f2a-b") == "sip:3f2a-b@127.0.0.1:5091"
+    assert request_uri("sip:jigasi@10.0.0.5;transport=tcp", "r") == "sip:jigasi@10.0.0.5"
+    assert all(failover(code) for code in (None, 408, 480, 486, 500, 503, 504))
+    assert not any(failover(code) for code in (403, 404, 488, 603))
+    pool = ForwardPoolConfig(name="p", targets=["sip:a", "sip:b", "sip:c"])
+    connector = SipForwardConnector(pool)
+    assert connector.order() == ["sip:a", "sip:b", "sip:c"]
+    connector.live["sip:a"] += 2
+    connector.live["sip:b"] += 1
+    assert connector.order() == ["sip:c", "sip:b", "sip:a"]
+    assert connector.trunks["sip:b"].outbound is not None and connector.trunks["sip:b"].outbound.proxy == "sip:b"
+    assert connector.values("r9", "participant", "42")["room_name"] == "r9"  # no room store: the id names it
+
+
+class FakeMedia:
+    def __init__(self, dtmf_pt: int | None) -> None:
+        self.params = type("P", (), {"dtmf_pt": dtmf_pt})()
+        self.ts = 1000
+        self.sent: list[tuple[bytes, int, int, bool]] = []
+
+    def send_payload(self, payload: bytes, pt: int, ts: int, marker: bool = False) -> None:
+        self.sent.append((payload, pt, ts, marker))
+
+
+def test_rfc4733_packets_are_restamped_one_timestamp_per_event() -> None:
+    out: Any = FakeMedia(101)
+    events: dict[tuple[int, int], int] = {}
+    start, end = bytes([5, 10, 0, 160]), bytes([5, 0x8A, 3, 32])
+    assert relay_event(RtpPacket(96, 1, 5000, 77, start, True), out, events)
+    out.ts = 1160
+    relay_event(RtpPacket(96, 2, 5000, 77, end), out, events)
+    out.ts = 1320
+    relay_event(RtpPacket(96, 3, 9000, 77, start), out, events)  # the next digit: a new event
+    assert out.sent == [(start, 101, 1000, True), (end, 101, 1000, False), (start, 101, 1320, True)]
+    assert not relay_event(RtpPacket(96, 4, 9000, 77, start), FakeMedia(None), {})  # no telephone-event there
