@@ -129,10 +129,10 @@ class Member:
         return text[start : text.index("\n\n", start)]
 
 
-def member_xml(tmp: Path, name: str, room_id: str, tone: Path, end: str) -> Path:
+def member_xml(tmp: Path, name: str, room_id: str, tone: Path, end: str, te_pt: int = 101, before: str = "") -> Path:
     capture = CAPTURE if "gwcontact" in end else ""
     return scenario(tmp / name, "forward_member.xml", room_id=room_id, tone=str(tone), end=end, capture=capture,
-                    refs=",contact" if capture else "")
+                    refs=",contact" if capture else "", te_pt=str(te_pt), before=before)
 
 
 def reject_xml(tmp: Path, name: str, status: str = "503 Service Unavailable") -> Path:
@@ -227,15 +227,23 @@ def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends
 
 def test_member_bye_ends_the_caller(tmp_path: Path) -> None:
     room = room_first(tmp_path)
+    # the member answers telephone-event as 96 (sipp's play_dtmf type) and types a digit, then streams its tone
     member = Member(tmp_path, "m", member_xml(tmp_path, "m", room["room_id"], tone_file(tmp_path / "m.ul", 600),
-                                              SEND_BYE % 4000))
+                                              SEND_BYE % 4000, te_pt=96, before=rfc4733("7")))
     gw: Gateway | None = None
     try:
         gw = start(tmp_path, config([member.uri], room["room_id"]))
+        lo, hi = gw.rtp_range
+        caller_media = media_block()
+        cap = Capture(tmp_path / "bye.pcap", f"udp and dst port {caller_media} and src portrange {lo}-{hi}")
         steps = [rfc4733(room["sip"]["pin"] + "#"),
                  f'  <nop><action><exec rtp_stream="{tone_file(tmp_path / "c.ul", 1000)},-1,0"/></action></nop>']
-        caller = run_sipp(gw.sip, "-sf", str(ivr_scenario(tmp_path / "caller", steps, end="gateway", tail=60000)),
-                          "-s", ROOM_DID, "-m", "1", timeout=90)
+        try:
+            caller = run_sipp(gw.sip, "-sf", str(ivr_scenario(tmp_path / "caller", steps, end="gateway", tail=60000)),
+                              "-s", ROOM_DID, "-m", "1", timeout=90, media_port=caller_media)
+        finally:
+            cap.stop()
+        assert received(cap, caller_media, 96), "the member's RFC 4733 digit relayed to the caller"
         code, out = member.finish()
         assert code == 0, out  # its BYE got 200
         assert caller.returncode == 0, caller.stdout[-2000:]  # the gateway's BYE reached the caller
@@ -244,6 +252,7 @@ def test_member_bye_ends_the_caller(tmp_path: Path) -> None:
         assert row["reason"] == "forward_ended", row
         ended = next(e for e in evs if e["state"] == "forward_ended")
         assert ended["by"] == "far" and ended["target"] == member.uri and ended["rtp_to_far"] > 50
+        assert ended["dtmf_to_caller"] >= 1
         states = [e["state"] for e in evs]
         assert states.index("forward_ended") < states.index("disconnected")
     finally:
