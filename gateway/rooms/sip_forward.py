@@ -24,7 +24,8 @@ and stays in the middle:
   (the caller's reason `forward_ended`).
 
 CDR events on the caller's voice_id (and one log line each): `forward_trying{target}`,
-`forward_failed{target, code, sip_reason}`, `forward_answered{target, code, codec}`, `forward_ended{by, target}`.
+`forward_failed{target, code, sip_reason}`, `forward_answered{target, code, codec}`, `forward_media_updated{target, codec, direction}` (the member's
+re-INVITE/UPDATE), `forward_ended{by, target}`.
 The forward leg has no CDR row of its own and sends no webhooks.
 """
 
@@ -41,7 +42,7 @@ from .. import log
 from ..adapters.rtp_session import RtpSession
 from ..apps.services import JoinContext, RoomError
 from ..calls.call import Call, CallHost
-from ..calls.outbound import E164, OutboundCall
+from ..calls.outbound import E164, DialError, OutboundCall
 from ..config import FORWARD_FIELDS, ForwardPoolConfig, OutboundConfig, TrunkConfig
 from ..media import g711
 from ..media.rtp import RtpPacket
@@ -241,17 +242,25 @@ class SipForwardConnector:
         codec = context.call.media.params.codec
         headers = render_headers(self.pool.headers, self.values(room_id, role, context.meeting_id))
         number = str(caller.info.get("caller", ""))
-        dial_from = number if E164.fullmatch(number) else str(caller.info.get("did") or "0000000")
+        # From: the caller's number, else the dialled DID's (our INVITEs carry E.164 numbers only)
+        dial_from = next((n for n in (number, str(caller.info.get("did", ""))) if E164.fullmatch(n)), "0000000")
         legs: dict[int, SipForwardLeg] = {}
 
         def on_state(call: ForwardCall, state: str, data: dict[str, Any]) -> None:
             leg = legs.get(id(call))
             if state == "disconnected" and leg is not None:
                 leg.far_ended(data)
+            elif state == "media_updated":  # the member's re-INVITE/UPDATE (hold, codec, address), maybe right away
+                self.event(caller, "forward_media_updated", target=call.target,
+                           **{k: data[k] for k in ("codec", "direction", "method") if k in data})
 
         for target in self.order():
-            far = ForwardCall(caller.ua, self.trunks[target], request_uri(target, room_id), dial_from, caller, target,
-                              on_state, project=caller.info.get("project", ""), caller=number)
+            try:
+                far = ForwardCall(caller.ua, self.trunks[target], request_uri(target, room_id), dial_from, caller,
+                                  target, on_state, project=caller.info.get("project", ""), caller=number)
+            except DialError as exc:  # a target our dial-out rules refuse (e.g. a host name they do not take)
+                self.event(caller, "forward_failed", logging.ERROR, target=target, code=None, error=str(exc))
+                continue
             far.offer_codecs = (codec,)
             far.extra_headers = headers
             self.live[target] += 1
@@ -295,8 +304,9 @@ class SipForwardConnector:
             extra: dict[str, Any] = {"reason": reason} if reason else {}
             self.event(leg.caller, "forward_ended", by=by, target=leg.far.target, **extra, **leg.stats())
 
-    def stats(self) -> dict[str, int]:
-        return {"legs": len(self.legs), **{f"live:{t}": n for t, n in self.live.items()}}
+    def stats(self) -> dict[str, Any]:
+        """For /healthz (leak checks): forwarded legs up, and legs per member (ringing ones too)."""
+        return {"legs": len(self.legs), "live": {t: self.live[t] for t in self.pool.targets}}
 
     def hang_up_all(self, reason: str = "shutdown") -> None:
         """BYE every member leg now (the worker stops: its SIP transport closes right after)."""

@@ -47,11 +47,49 @@ Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
 From: <sip:member@[local_ip]:[local_port]>;tag=[pid]fwd[call_number]
 To:[$gwfrom]
 Call-ID: [call_id]
-CSeq: 2 BYE
+CSeq: %d BYE
 Max-Forwards: 70
 Content-Length: 0
 ]]></send>
   <recv response="200"/>"""
+
+
+IN_DIALOG = """From: <sip:member@[local_ip]:[local_port]>;tag=[pid]fwd[call_number]
+To:[$gwfrom]
+Call-ID: [call_id]"""
+REINVITE_PCMA = f"""  <send retrans="500"><![CDATA[
+INVITE [$gwcontact] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+{IN_DIALOG}
+CSeq: 2 INVITE
+Contact: <sip:member@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=member 1 2 IN IP4 [media_ip]
+s=-
+c=IN IP4 [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 8 101
+a=rtpmap:8 PCMA/8000
+a=rtpmap:101 telephone-event/8000
+a=fmtp:101 0-15
+]]></send>
+  <recv response="100" optional="true"/>
+  <recv response="200">
+    <action><ereg regexp="RTP/AVP 8 " search_in="body" check_it="true" assign_to="pcma"/></action>
+  </recv>
+  <Reference variables="pcma"/>
+  <send><![CDATA[
+ACK [$gwcontact] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+{IN_DIALOG}
+CSeq: 2 ACK
+Max-Forwards: 70
+Content-Length: 0
+]]></send>"""
 
 
 def config(targets: list[str], room_id: str = "", ring_timeout_s: int = 10) -> str:
@@ -129,9 +167,11 @@ class Member:
         return text[start : text.index("\n\n", start)]
 
 
-def member_xml(tmp: Path, name: str, room_id: str, tone: Path, end: str, te_pt: int = 101, before: str = "") -> Path:
-    capture = CAPTURE if "gwcontact" in end else ""
-    return scenario(tmp / name, "forward_member.xml", room_id=room_id, tone=str(tone), end=end, capture=capture,
+def member_xml(tmp: Path, name: str, room_id: str, tone: Path | str, end: str, te_pt: int = 101,
+               before: str = "") -> Path:
+    capture = CAPTURE if "gwcontact" in end + before else ""
+    stream = str(tone) if "," in str(tone) else f"{tone},-1,0"
+    return scenario(tmp / name, "forward_member.xml", room_id=room_id, tone=stream, end=end, capture=capture,
                     refs=",contact" if capture else "", te_pt=str(te_pt), before=before)
 
 
@@ -145,6 +185,14 @@ def events_of(gw: Gateway, until: str) -> tuple[dict, list[dict]]:  # type: igno
     evs = wait_until(lambda: (e := gw.cdr(row["voice_id"])["events"]) and any(x["state"] == until for x in e) and e,
                      20, f"the {until} event")
     return row, evs
+
+
+def no_legs_left(gw: Gateway) -> None:
+    """/healthz: no forwarded leg up, no member counted as busy (nothing leaked on any path)."""
+    def idle() -> bool:
+        pool = gw.http_get("/healthz")[1]["forward_pools"]["media"]
+        return pool["legs"] == 0 and not any(pool["live"].values())
+    wait_until(idle, 10, "the pool's legs to be released")
 
 
 def received(cap: Capture, port: int, pt: int = 0) -> list[RtpPacket]:
@@ -204,6 +252,7 @@ def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends
         tone_heard(received(cap, caller_media), 600)
         assert received(cap, answering.media, 101), "the caller's RFC 4733 digit relayed to the member"
         row, evs = events_of(gw, "forward_ended")
+        no_legs_left(gw)
         states = [e["state"] for e in evs]
         assert row["reason"] == "remote_bye", row
         trying = [e["target"] for e in evs if e["state"] == "forward_trying"]
@@ -229,7 +278,7 @@ def test_member_bye_ends_the_caller(tmp_path: Path) -> None:
     room = room_first(tmp_path)
     # the member answers telephone-event as 96 (sipp's play_dtmf type) and types a digit, then streams its tone
     member = Member(tmp_path, "m", member_xml(tmp_path, "m", room["room_id"], tone_file(tmp_path / "m.ul", 600),
-                                              SEND_BYE % 4000, te_pt=96, before=rfc4733("7")))
+                                              SEND_BYE % (4000, 2), te_pt=96, before=rfc4733("7")))
     gw: Gateway | None = None
     try:
         gw = start(tmp_path, config([member.uri], room["room_id"]))
@@ -249,6 +298,7 @@ def test_member_bye_ends_the_caller(tmp_path: Path) -> None:
         assert caller.returncode == 0, caller.stdout[-2000:]  # the gateway's BYE reached the caller
         assert "X-Meeting-Id: " + room["sip"]["meeting_id"] in member.invite()  # a room DID: from the room store
         row, evs = events_of(gw, "forward_ended")
+        no_legs_left(gw)
         assert row["reason"] == "forward_ended", row
         ended = next(e for e in evs if e["state"] == "forward_ended")
         assert ended["by"] == "far" and ended["target"] == member.uri and ended["rtp_to_far"] > 50
@@ -275,6 +325,7 @@ def test_caller_hangs_up_while_the_member_rings_cancels_it(tmp_path: Path) -> No
         assert code == 0, out  # it got the CANCEL, answered 487, and got the ACK
         assert "CANCEL sip:" in member.messages.read_text()
         row, evs = events_of(gw, "forward_failed")
+        no_legs_left(gw)
         assert row["reason"] == "remote_bye", row
         states = [e["state"] for e in evs]
         assert "forward_answered" not in states and "joined" not in states, states
@@ -307,6 +358,7 @@ def test_pool_all_down_caller_hears_service_unavailable_then_bye(tmp_path: Path)
         code, out = member.finish()
         assert code == 0, out
         row, evs = events_of(gw, "disconnected")
+        no_legs_left(gw)
         assert row["reason"] == "forward_failed", row
         failed = [(e["target"], e["code"]) for e in evs if e["state"] == "forward_failed"]
         assert failed == [(f"sip:127.0.0.1:{closed}", 408), (member.uri, 503)], failed
@@ -317,6 +369,49 @@ def test_pool_all_down_caller_hears_service_unavailable_then_bye(tmp_path: Path)
         offset, match = find(heard, prompt.astype(float))
         assert match > 0.9, match
         assert abs(len(heard) - offset - len(prompt)) < 8000 * 0.5, "then the BYE"
+    finally:
+        member.stop()
+        if gw is not None:
+            stop_gateway(gw)
+
+
+def test_member_reinvites_to_pcma_and_audio_still_flows_both_ways(tmp_path: Path) -> None:
+    """The caller stays on PCMU; the member moves its leg to PCMA by re-INVITE: frames are converted between the
+    laws from then on (not re-offered to the caller), and both still hear each other's tone."""
+    room = room_first(tmp_path)
+    t = np.arange(8000 * 40) / 8000
+    alaw = tmp_path / "m.al"
+    alaw.write_bytes(g711.encode("PCMA", (8000 * np.sin(2 * np.pi * 600 * t)).astype(np.int16)))
+    member = Member(tmp_path, "m", member_xml(tmp_path, "m", room["room_id"], f"{alaw},-1,8", WAIT_BYE,
+                                              before=REINVITE_PCMA))
+    gw: Gateway | None = None
+    try:
+        gw = start(tmp_path, config([member.uri], room["room_id"]))
+        lo, hi = gw.rtp_range
+        caller_media = media_block()
+        cap = Capture(tmp_path / "pcma.pcap", f"udp and (dst port {caller_media} or dst port {member.media}) "
+                                              f"and src portrange {lo}-{hi}")
+        steps = [rfc4733(room["sip"]["pin"] + "#"),
+                 f'  <nop><action><exec rtp_stream="{tone_file(tmp_path / "c.ul", 1000)},-1,0"/></action></nop>',
+                 '  <pause milliseconds="8000"/>']
+        try:
+            caller = run_sipp(gw.sip, "-sf", str(ivr_scenario(tmp_path / "caller", steps, tail=200)), "-s", ROOM_DID,
+                              "-m", "1", timeout=90, media_port=caller_media)
+            code, out = member.finish()
+        finally:
+            cap.stop()
+        assert caller.returncode == 0, caller.stdout[-2000:]
+        assert code == 0, out  # the re-INVITE was answered with PCMA, and the caller's BYE reached it
+        tone_heard(received(cap, caller_media, 0), 600)  # A-law from the member, mu-law to the caller
+        to_member = received(cap, member.media, 8)
+        audio = g711.decode("PCMA", b"".join(p.payload for p in to_member)).astype(float)
+        windows = [dominant(audio[i : i + 8000]) for i in range(0, len(audio) - 8000, 4000)]
+        assert any(abs(f - 1000) < 15 and rms > 300 for f, rms in windows), windows
+        row, evs = events_of(gw, "forward_ended")
+        no_legs_left(gw)
+        updated = [e for e in evs if e["state"] == "forward_media_updated"]
+        assert updated and updated[0]["codec"] == "PCMA", [e["state"] for e in evs]
+        assert next(e for e in evs if e["state"] == "answered")["codec"] == "PCMU"  # the caller's leg kept PCMU
     finally:
         member.stop()
         if gw is not None:

@@ -10,8 +10,9 @@ import pytest
 
 from gateway.apps.services import IvrServices, MissingPool
 from gateway.config import Config, ConfigError, DidConfig, ForwardPoolConfig, ProjectConfig, load_config
+from gateway.media import g711
 from gateway.media.rtp import RtpPacket
-from gateway.rooms.sip_forward import SipForwardConnector, failover, relay_event, render_headers, request_uri
+from gateway.rooms.sip_forward import SipForwardConnector, convert, failover, relay_event, render_headers, request_uri
 
 POOL = """
 [[forward_pools]]
@@ -146,3 +147,14 @@ def test_rfc4733_packets_are_restamped_one_timestamp_per_event() -> None:
     relay_event(RtpPacket(96, 3, 9000, 77, start), out, events)  # the next digit: a new event
     assert out.sent == [(start, 101, 1000, True), (end, 101, 1000, False), (start, 101, 1320, True)]
     assert not relay_event(RtpPacket(96, 4, 9000, 77, start), FakeMedia(None), {})  # no telephone-event there
+
+
+def test_a_leg_moved_to_the_other_g711_law_gets_converted_frames() -> None:
+    import numpy as np
+
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(160) / 8000)).astype(np.int16)
+    ulaw = g711.encode("PCMU", tone)
+    assert convert(ulaw, "PCMU", "PCMU") is ulaw  # the same codec: relayed untouched
+    alaw = convert(ulaw, "PCMU", "PCMA")
+    assert len(alaw) == 160 and alaw != ulaw
+    assert np.max(np.abs(g711.decode("PCMA", alaw).astype(int) - tone)) < 300
