@@ -26,7 +26,7 @@ from tests.conftest import (
     stop_process,
     wait_until,
 )
-from tests.integration.ivr_tools import ivr_scenario, reply, rfc4733
+from tests.integration.ivr_tools import info, ivr_scenario, reply, rfc4733
 from tests.integration.media_tools import Capture
 from tests.integration.test_bridge import dominant
 from tests.integration.test_rooms_janus import tone_file
@@ -216,7 +216,7 @@ def find(heard: np.ndarray, prompt: np.ndarray) -> tuple[int, float]:
     return offset, float(np.corrcoef(seg, prompt[: len(seg)])[0, 1]) if len(seg) > 800 else 0.0
 
 
-def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends_both(tmp_path: Path) -> None:
+def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_star6_mutes_and_caller_bye_ends_both(tmp_path: Path) -> None:
     room = room_first(tmp_path)
     refusing = Member(tmp_path, "m1", reject_xml(tmp_path, "m1"))
     answering: Member | None = None
@@ -232,7 +232,7 @@ def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends
         steps = [rfc4733(room["sip"]["meeting_id"] + "#"), rfc4733(room["sip"]["pin"] + "#"),
                  '  <pause milliseconds="6000"/>', rfc4733("5"),
                  f'  <nop><action><exec rtp_stream="{tone_file(tmp_path / "c.ul", 1000)},-1,0"/></action></nop>',
-                 '  <pause milliseconds="6000"/>']
+                 '  <pause milliseconds="6000"/>', info("*6", "15551230000", 40), '  <pause milliseconds="4000"/>']
         try:
             caller = run_sipp(gw.sip, "-sf", str(ivr_scenario(tmp_path / "caller", steps, tail=200)), "-s", FORWARD_DID,
                               "-m", "1", timeout=90, media_port=caller_media)
@@ -249,6 +249,8 @@ def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends
         # audio both ways: the member hears the caller's 1 kHz, the caller the member's 600 Hz; the caller's digit
         # reached the member as RFC 4733 in the member's payload type (101, the caller sent 96)
         tone_heard(received(cap, answering.media), 1000)
+        to_member = g711.decode("PCMU", b"".join(p.payload for p in received(cap, answering.media))).astype(float)
+        assert dominant(to_member[-8000 * 3 : -8000])[1] < 50, "*6: the member hears silence, not the caller"
         tone_heard(received(cap, caller_media), 600)
         assert received(cap, answering.media, 101), "the caller's RFC 4733 digit relayed to the member"
         row, evs = events_of(gw, "forward_ended")
@@ -264,7 +266,7 @@ def test_fails_over_503_then_relays_audio_and_dtmf_both_ways_and_caller_bye_ends
         ended = next(e for e in evs if e["state"] == "forward_ended")
         assert ended["by"] == "caller" and ended["rtp_to_far"] > 300 and ended["rtp_from_far"] > 300
         assert ended["dtmf_to_far"] >= 1
-        assert states.index("validated") < states.index("forward_trying") < states.index("joined")
+        assert states.index("validated") < states.index("forward_trying") < states.index("joined") < states.index("muted")
         assert room["sip"]["pin"] not in gw.log()
     finally:
         for m in (refusing, answering):
