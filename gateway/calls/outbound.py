@@ -5,9 +5,8 @@
         ...                                # then the same Call API as an inbound call
 
 Our INVITE carries the SDP offer (PCMU/PCMA, or `offer_codecs`, + telephone-event) and any `extra_headers`; the
-2xx carries the answer. A far end that
-answers non-2xx ends the call with its status and reason; no answer within the ring timeout sends CANCEL
-(state failed, code 408). Hanging up before the answer sends CANCEL; a 2xx that crosses our CANCEL gets
+2xx carries the answer. A far end that answers non-2xx ends the call with its status and reason; no answer within
+the ring timeout sends CANCEL (state failed, code 408). Hanging up before the answer sends CANCEL; a 2xx that crosses our CANCEL gets
 ACK then BYE.
 """
 

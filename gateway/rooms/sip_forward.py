@@ -24,9 +24,9 @@ and stays in the middle:
   (the caller's reason `forward_ended`).
 
 CDR events on the caller's voice_id (and one log line each): `forward_trying{target}`,
-`forward_failed{target, code, sip_reason}`, `forward_answered{target, code, codec}`, `forward_media_updated{target, codec, direction}` (the member's
-re-INVITE/UPDATE), `forward_ended{by, target}`.
-The forward leg has no CDR row of its own and sends no webhooks.
+`forward_failed{target, code, sip_reason}`, `forward_answered{target, code, codec}`,
+`forward_media_updated{target, codec, direction}` (the member's re-INVITE/UPDATE), `forward_ended{by, target}`.
+The forward leg has no CDR row of its own and sends no webhooks; `/healthz` shows each pool's legs.
 """
 
 from __future__ import annotations

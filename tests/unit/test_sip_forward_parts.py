@@ -158,3 +158,37 @@ def test_a_leg_moved_to_the_other_g711_law_gets_converted_frames() -> None:
     alaw = convert(ulaw, "PCMU", "PCMA")
     assert len(alaw) == 160 and alaw != ulaw
     assert np.max(np.abs(g711.decode("PCMA", alaw).astype(int) - tone)) < 300
+
+
+async def test_the_keypad_of_a_forwarded_call_mutes_and_says_what_is_not_available() -> None:
+    from types import SimpleNamespace
+
+    from gateway.apps.inroom import InRoom
+    from gateway.rooms.sip_forward import ACTIONS
+
+    said: list[str] = []
+    recorded: list[str] = []
+
+    async def say(key: str, interruptible: bool = True, **values: Any) -> bool:
+        said.append(key)
+        return False
+
+    commands: list[dict[str, Any]] = []
+
+    class Leg:
+        participant_id = "leg-1"
+        actions = ACTIONS
+        state: dict[str, Any] = {"participants": [{"id": "leg-1", "muted": False}]}
+
+        async def command(self, message: dict[str, Any]) -> None:
+            commands.append(message)
+            self.state = {"participants": [{"id": "leg-1", "muted": message["muted"]}]}
+
+    call = SimpleNamespace(record=lambda state, *a, **k: recorded.append(state))
+    voice = SimpleNamespace(call=call, audio=None, say=say)
+    room = InRoom(voice, "r1", "moderator", None)  # type: ignore[arg-type]
+    room.leg = Leg()  # type: ignore[assignment]
+    for action in ("count", "mute_all", "lock", "unmute_all", "help", "mute_self", "mute_self"):
+        await room.act(action)
+    assert said == ["not_available"] * 4 + ["menu_help_self_only", "muted", "unmuted"]
+    assert [c["muted"] for c in commands] == [True, False] and recorded == ["muted", "unmuted"]
