@@ -12,9 +12,11 @@ and stays in the middle:
   `RoomError(code="forward_failed")`: the caller hears the service-unavailable prompt, then BYE.
 - Media: the forward leg offers the caller's negotiated codec only (plus telephone-event), so payloads are
   relayed as they are, one frame per 20 ms media-clock tick each way (each leg's RTP session keeps its own
-  SSRC, sequence, timestamps, strict-RTP lock and jitter buffer). If a re-INVITE/UPDATE on either side later
-  moves one leg to the other G.711 law, frames are converted between mu-law and A-law (sample by sample, 8 kHz
-  both) instead of re-offering to the other side; the gateway negotiates nothing but PCMU and PCMA.
+  SSRC, sequence, timestamps, strict-RTP lock and jitter buffer). A re-INVITE/UPDATE on either side is answered
+  by that leg; if it moved that leg to the other G.711 law, the other leg gets a re-INVITE offering that codec
+  only (`Call.reoffer`), and payloads go through untouched again once it answers. Meanwhile, and for good if it
+  refuses (488, 491, no answer), frames are converted between mu-law and A-law (sample by sample, 8 kHz both):
+  `forward_codec_followed` / `forward_codec_converted` in the CDR, `frames_converted` in `forward_ended`.
 - RFC 4733: events are relayed as packets both ways, re-stamped into the other leg's stream (its telephone-event
   payload type, its SSRC and sequence, one timestamp per event), so durations and end bits go through; the
   caller's keypad menu still hears them. SIP INFO digits are not relayed.
@@ -117,8 +119,12 @@ class SipForwardLeg:
         self.events_to_far: dict[tuple[int, int], int] = {}  # (ssrc, timestamp) of an event -> its timestamp there
         self.events_to_caller: dict[tuple[int, int], int] = {}
         self.dtmf_relayed = {"to_far": 0, "to_caller": 0}
+        self.converted = 0  # frames converted between the G.711 laws (while the legs disagree)
         self.closed = False
         assert caller.media is not None and far.media is not None
+        self.codec = caller.media.params.codec  # what both legs use; a leg that moves off it is followed
+        self.reoffering = False  # a re-INVITE of ours is on its way to the other leg
+        self.refused: tuple[str, str] | None = None  # (caller's, member's) codecs whose re-offer was refused
         self._caller_events = caller.media.on_telephone_event  # the caller's keypad (CallAudio) keeps hearing them
         caller.media.on_telephone_event = self._from_caller_event
         far.media.handler = self._far_tick
@@ -138,10 +144,36 @@ class SipForwardLeg:
         caller, far = self.caller.media, self.far.media
         if caller is None or far is None or self.closed:
             return None
+        if caller.params.codec != far.params.codec:
+            self.converted += 1
+            if not self.reoffering and self.refused != (caller.params.codec, far.params.codec):
+                self._follow(caller.params.codec, far.params.codec)
+        elif not self.reoffering:
+            self.codec, self.refused = caller.params.codec, None
         if frame is not None:
             self.to_caller.append(convert(frame, far.params.codec, caller.params.codec))
         out = self.to_far.popleft() if self.to_far else None
         return None if out is None else convert(out, caller.params.codec, far.params.codec)
+
+    def _follow(self, caller_codec: str, far_codec: str) -> None:
+        """One leg moved to the other G.711 law (its re-INVITE/UPDATE): re-offer that codec to the other leg, so
+        payloads go through untouched again. Until it answers, and if it refuses, frames are converted."""
+        other, codec = (self.caller, far_codec) if far_codec != self.codec else (self.far, caller_codec)
+        self.reoffering = True
+
+        def done(ok: bool) -> None:
+            self.reoffering = False
+            if ok:
+                self.codec = codec
+            else:
+                self.refused = (caller_codec, far_codec)  # converted until either leg changes again
+            if not self.closed:
+                self.connector.event(self.caller, "forward_codec_followed" if ok else "forward_codec_converted",
+                                     logging.INFO if ok else logging.WARNING, codec=codec,
+                                     leg="caller" if other is self.caller else "far")
+
+        if not other.reoffer((codec,), done):
+            done(False)
 
     def _from_caller_event(self, packet: RtpPacket) -> None:
         if self._caller_events is not None:
@@ -158,7 +190,7 @@ class SipForwardLeg:
         far = self.far.media
         return {"rtp_to_far": far.sent if far else 0, "rtp_from_far": far.received if far else 0,
                 "rtp_dropped": far.dropped_total if far else 0, "dtmf_to_far": self.dtmf_relayed["to_far"],
-                "dtmf_to_caller": self.dtmf_relayed["to_caller"]}
+                "dtmf_to_caller": self.dtmf_relayed["to_caller"], "frames_converted": self.converted}
 
     # -- signalling
     async def command(self, message: dict[str, Any]) -> None:

@@ -377,15 +377,47 @@ def test_pool_all_down_caller_hears_service_unavailable_then_bye(tmp_path: Path)
             stop_gateway(gw)
 
 
-def test_member_reinvites_to_pcma_and_audio_still_flows_both_ways(tmp_path: Path) -> None:
-    """The caller stays on PCMU; the member moves its leg to PCMA by re-INVITE: frames are converted between the
-    laws from then on (not re-offered to the caller), and both still hear each other's tone."""
-    room = room_first(tmp_path)
+CALLER_TAKES_PCMA = """  <recv request="INVITE" timeout="30000">
+    <action><ereg regexp="RTP/AVP 8 96" search_in="body" check_it="true" assign_to="offer"/></action>
+  </recv>
+  <Reference variables="offer"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:caller@[local_ip]:[local_port]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=caller 1 2 IN IP4 [media_ip]
+s=-
+c=IN IP4 [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 8 96
+a=rtpmap:8 PCMA/8000
+a=rtpmap:96 telephone-event/8000
+a=fmtp:96 0-15
+]]></send>
+  <recv request="ACK"/>"""
+
+
+def alaw_tone(path: Path, hz: float) -> Path:
     t = np.arange(8000 * 40) / 8000
-    alaw = tmp_path / "m.al"
-    alaw.write_bytes(g711.encode("PCMA", (8000 * np.sin(2 * np.pi * 600 * t)).astype(np.int16)))
-    member = Member(tmp_path, "m", member_xml(tmp_path, "m", room["room_id"], f"{alaw},-1,8", WAIT_BYE,
-                                              before=REINVITE_PCMA))
+    path.write_bytes(g711.encode("PCMA", (8000 * np.sin(2 * np.pi * hz * t)).astype(np.int16)))
+    return path
+
+
+def test_member_reinvites_to_pcma_and_the_caller_is_reoffered_pcma(tmp_path: Path) -> None:
+    """Both legs start on PCMU; the member moves its leg to PCMA by re-INVITE; the gateway re-INVITEs the caller
+    offering PCMA only (its telephone-event type kept), and from the caller's answer on payloads cross untouched:
+    each side hears the other's A-law tone."""
+    room = room_first(tmp_path)
+    member = Member(tmp_path, "m", member_xml(tmp_path, "m", room["room_id"], f"{alaw_tone(tmp_path / 'm.al', 600)},-1,8",
+                                              WAIT_BYE, before=REINVITE_PCMA))
     gw: Gateway | None = None
     try:
         gw = start(tmp_path, config([member.uri], room["room_id"]))
@@ -395,25 +427,28 @@ def test_member_reinvites_to_pcma_and_audio_still_flows_both_ways(tmp_path: Path
                                               f"and src portrange {lo}-{hi}")
         steps = [rfc4733(room["sip"]["pin"] + "#"),
                  f'  <nop><action><exec rtp_stream="{tone_file(tmp_path / "c.ul", 1000)},-1,0"/></action></nop>',
-                 '  <pause milliseconds="8000"/>']
+                 CALLER_TAKES_PCMA,
+                 f'  <nop><action><exec rtp_stream="{alaw_tone(tmp_path / "c.al", 1000)},-1,8"/></action></nop>',
+                 '  <pause milliseconds="6000"/>']
         try:
             caller = run_sipp(gw.sip, "-sf", str(ivr_scenario(tmp_path / "caller", steps, tail=200)), "-s", ROOM_DID,
                               "-m", "1", timeout=90, media_port=caller_media)
             code, out = member.finish()
         finally:
             cap.stop()
-        assert caller.returncode == 0, caller.stdout[-2000:]
-        assert code == 0, out  # the re-INVITE was answered with PCMA, and the caller's BYE reached it
-        tone_heard(received(cap, caller_media, 0), 600)  # A-law from the member, mu-law to the caller
-        to_member = received(cap, member.media, 8)
-        audio = g711.decode("PCMA", b"".join(p.payload for p in to_member)).astype(float)
-        windows = [dominant(audio[i : i + 8000]) for i in range(0, len(audio) - 8000, 4000)]
-        assert any(abs(f - 1000) < 15 and rms > 300 for f, rms in windows), windows
+        assert caller.returncode == 0, caller.stdout[-2000:]  # it got the re-INVITE offering PCMA (and 96)
+        assert code == 0, out  # its re-INVITE was answered with PCMA, and the caller's BYE reached it
+        for port, hz in ((caller_media, 600), (member.media, 1000)):
+            audio = g711.decode("PCMA", b"".join(p.payload for p in received(cap, port, 8))).astype(float)
+            windows = [dominant(audio[i : i + 8000]) for i in range(0, len(audio) - 8000, 4000)]
+            assert any(abs(f - hz) < 15 and rms > 300 for f, rms in windows), (port, windows)
         row, evs = events_of(gw, "forward_ended")
         no_legs_left(gw)
-        updated = [e for e in evs if e["state"] == "forward_media_updated"]
-        assert updated and updated[0]["codec"] == "PCMA", [e["state"] for e in evs]
-        assert next(e for e in evs if e["state"] == "answered")["codec"] == "PCMU"  # the caller's leg kept PCMU
+        by_state = {e["state"]: e for e in evs}
+        assert by_state["forward_media_updated"]["codec"] == "PCMA"
+        assert by_state["forward_codec_followed"]["codec"] == "PCMA" and by_state["forward_codec_followed"]["leg"] == "caller"
+        assert any(e["state"] == "media_updated" and e.get("method") == "reoffer" and e["codec"] == "PCMA" for e in evs)
+        assert by_state["forward_ended"]["frames_converted"] < 50, "converted only while the re-offer was out"
     finally:
         member.stop()
         if gw is not None:
