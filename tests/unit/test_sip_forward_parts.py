@@ -1,11 +1,13 @@
 """The sip_forward connector's parts without sockets: its configuration (pools, headers, per-DID and per-project
-choice), the header templates, the Request-URI, failover codes, member order, RFC 4733 re-stamping."""
+choice), the header templates, the Request-URI, failover codes, member order, RFC 4733 re-stamping, following a
+codec change, the keypad of a forwarded call."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gateway.apps.services import IvrServices, MissingPool
@@ -150,8 +152,6 @@ def test_rfc4733_packets_are_restamped_one_timestamp_per_event() -> None:
 
 
 def test_a_leg_moved_to_the_other_g711_law_gets_converted_frames() -> None:
-    import numpy as np
-
     tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(160) / 8000)).astype(np.int16)
     ulaw = g711.encode("PCMU", tone)
     assert convert(ulaw, "PCMU", "PCMU") is ulaw  # the same codec: relayed untouched
@@ -192,3 +192,49 @@ async def test_the_keypad_of_a_forwarded_call_mutes_and_says_what_is_not_availab
         await room.act(action)
     assert said == ["not_available"] * 4 + ["menu_help_self_only", "muted", "unmuted"]
     assert [c["muted"] for c in commands] == [True, False] and recorded == ["muted", "unmuted"]
+
+
+def test_a_codec_change_on_either_leg_is_reoffered_to_the_other_once() -> None:
+    from types import SimpleNamespace
+
+    from gateway.rooms.sip_forward import SipForwardLeg
+
+    def media(codec: str) -> Any:
+        return SimpleNamespace(params=SimpleNamespace(codec=codec), silence=b"\xff" * 160, on_telephone_event=None,
+                               handler=None)
+
+    offers: list[tuple[str, tuple[str, ...]]] = []
+    answers: dict[str, bool] = {"caller": True, "far": False}
+
+    def leg_call(name: str, codec: str) -> Any:
+        call = SimpleNamespace(media=media(codec), call_id="c1", target="sip:m", ended=SimpleNamespace(is_set=lambda: False))
+
+        def reoffer(codecs: tuple[str, ...], done: Any) -> bool:
+            offers.append((name, codecs))
+            if answers[name]:
+                call.media.params.codec = codecs[0]
+            done(answers[name])
+            return True
+
+        call.reoffer = reoffer
+        return call
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    connector: Any = SimpleNamespace(event=lambda caller, state, level, **data: events.append((state, data)))
+    caller, far = leg_call("caller", "PCMU"), leg_call("far", "PCMU")
+    leg = SipForwardLeg(connector, "r1", caller, far, lambda e: None)
+    tone = g711.encode("PCMU", np.zeros(160, dtype=np.int16) + 1000)
+    leg.push(tone)
+    assert leg._far_tick(tone) == tone and offers == []  # the same codec: untouched
+    far.media.params.codec = "PCMA"  # the member re-INVITEd to PCMA: the caller is offered PCMA, and accepts
+    leg.push(tone)
+    leg._far_tick(g711.encode("PCMA", np.zeros(160, dtype=np.int16)))
+    assert offers == [("caller", ("PCMA",))] and leg.codec == "PCMA" and leg.converted == 1
+    assert events[-1] == ("forward_codec_followed", {"codec": "PCMA", "leg": "caller"})
+    caller.media.params.codec = "PCMU"  # now the caller moves back; the member refuses the re-offer: converted
+    for _ in range(3):
+        leg.push(tone)
+        out = leg._far_tick(None)
+        assert out is not None and out != tone  # PCMU from the caller, PCMA to the member
+    assert offers[1:] == [("far", ("PCMU",))], "refused: not asked again every tick"
+    assert events[-1] == ("forward_codec_converted", {"codec": "PCMU", "leg": "far"}) and leg.converted == 4
