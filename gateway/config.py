@@ -339,6 +339,8 @@ class DidConfig:
     room_id: str = ""
     answer_after_ms: int = 0  # ring (180) this long before answering
     any_project: bool = False  # route ivr: meeting IDs of every project resolve here (one shared dial-in number)
+    connector: str = ""  # where its callers' rooms are: "janus" | "sip_forward"; "" = the project's choice
+    forward_pool: str = ""  # connector sip_forward: the [[forward_pools]] name (else the project's forward_pool)
 
 
 @dataclass
@@ -349,6 +351,29 @@ class ProjectConfig:
     language: str = "en-US"
     notification_url: str = ""  # default webhook for the project's calls
     auto_record: bool = False  # voice.inbound.auto_record: record the project's inbound calls from answer to hang-up
+    forward_pool: str = ""  # its rooms are reached through this [[forward_pools]] entry (sip_forward); "" = Janus
+
+
+FORWARD_FIELDS = ("room_id", "role", "room_name", "meeting_id", "domain")  # what a forwarded header may name
+# headers a pool may not set: the dialog's own, the body's, routing (RFC 3261 8.1.1), and what auth computes
+FORWARD_RESERVED = frozenset({
+    "via", "v", "from", "f", "to", "t", "call-id", "i", "cseq", "contact", "m", "max-forwards", "route",
+    "record-route", "content-type", "c", "content-length", "l", "content-encoding", "e", "authorization",
+    "proxy-authorization", "allow", "supported", "k", "require", "session-expires", "x", "user-agent"})
+TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+")  # RFC 3261 token: a header name
+
+
+@dataclass
+class ForwardPoolConfig:
+    """`[[forward_pools]]`: SIP media gateways a validated caller is forwarded to (the `sip_forward` connector)."""
+
+    name: str = ""
+    targets: list[str] = field(default_factory=list)  # sip:[user@]host[:port][;transport=tcp], tried fewest legs first
+    headers: dict[str, str] = field(default_factory=dict)  # added to the INVITE; values: {room_id} {role} ...
+    domain: str = ""  # the {domain} of the header templates
+    ring_timeout_s: int = 10  # a member that has not answered by then is CANCELled: the next one is tried
+    username: str = ""  # digest credentials, if the members challenge (401/407)
+    password: str = field(default="", repr=False)
 
 
 @dataclass
@@ -380,6 +405,7 @@ class Config:
     projects: list[ProjectConfig] = field(
         default_factory=lambda: [ProjectConfig(name="demo", welcome_text="Welcome to the demo conference service.")]
     )
+    forward_pools: list[ForwardPoolConfig] = field(default_factory=list)
     source: str = "<embedded defaults>"
 
     @property
@@ -434,7 +460,8 @@ def _build(cls: type, data: dict[str, object], where: str) -> object:
 
 
 def _env_overrides(data: dict[str, typing.Any], environ: typing.Mapping[str, str]) -> None:
-    sections = {f.name for f in dataclasses.fields(Config) if f.name not in ("trunks", "dids", "projects", "source")}
+    sections = {f.name for f in dataclasses.fields(Config)
+                if f.name not in ("trunks", "dids", "projects", "forward_pools", "source")}
     for name, raw in environ.items():
         if not name.startswith("GATEWAY_"):
             continue
@@ -654,6 +681,75 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"dids[{i}].room_id: required when route = \"room\"")
         if d.project not in projects:
             raise ConfigError(f"dids[{i}].project: no project named {d.project!r}")
+    _validate_forwarding(c)
+
+
+def _validate_forwarding(c: Config) -> None:
+    pools: set[str] = set()
+    for i, p in enumerate(c.forward_pools):
+        where = f"forward_pools[{i}]"
+        if not p.name or p.name in pools:
+            raise ConfigError(f"{where}.name: required, one entry per name")
+        pools.add(p.name)
+        if not p.targets:
+            raise ConfigError(f"{where}.targets: at least one sip: URI")
+        for j, target in enumerate(p.targets):
+            if not re.fullmatch(r"sips?:([A-Za-z0-9\-_.!~*'()+]{1,64}@)?[A-Za-z0-9.\-]+(:[0-9]{1,5})?"
+                                r"(;transport=(udp|tcp|tls))?", target, re.IGNORECASE):
+                raise ConfigError(f"{where}.targets[{j}]: must be sip:[user@]host[:port][;transport=udp|tcp|tls], "
+                                  f"not {target!r}")
+            if (target.lower().startswith("sips:") or "transport=tls" in target.lower()) \
+                    and "tls" not in c.sip.transports:
+                raise ConfigError(f"{where}.targets[{j}]: reached over TLS, so sip.transports needs tls")
+        if not isinstance(p.headers, dict):
+            raise ConfigError(f"{where}.headers: must be a table of header name = value template")
+        for name, value in p.headers.items():
+            check_forward_header(name, value, f"{where}.headers.{name}")
+        if any(ch in p.domain for ch in "\r\n\0"):
+            raise ConfigError(f"{where}.domain: no CR, LF or NUL")
+        if not 1 <= p.ring_timeout_s <= 300:
+            raise ConfigError(f"{where}.ring_timeout_s: 1 to 300")
+        if bool(p.username) != bool(p.password):
+            raise ConfigError(f"{where}: username and password go together")
+    for i, proj in enumerate(c.projects):
+        if proj.forward_pool and proj.forward_pool not in pools:
+            raise ConfigError(f"projects[{i}].forward_pool: no forward_pools entry named {proj.forward_pool!r}")
+    project_pools = {p.name: p.forward_pool for p in c.projects}
+    for i, d in enumerate(c.dids):
+        if d.connector not in ("", "janus", "sip_forward"):
+            raise ConfigError(f"dids[{i}].connector: must be janus or sip_forward, not {d.connector!r}")
+        if d.forward_pool and d.forward_pool not in pools:
+            raise ConfigError(f"dids[{i}].forward_pool: no forward_pools entry named {d.forward_pool!r}")
+        if d.connector == "sip_forward" and not (d.forward_pool or project_pools.get(d.project)):
+            raise ConfigError(f"dids[{i}].forward_pool: connector sip_forward needs a forward pool (here or on "
+                              f"project {d.project!r})")
+        if d.connector == "janus" and d.forward_pool:
+            raise ConfigError(f"dids[{i}].forward_pool: set, but connector = \"janus\"")
+
+
+def check_forward_header(name: object, value: object, where: str) -> None:
+    """A header of a forward pool: a token name the SIP stack does not own, and a value template with no CR, LF
+    or NUL whose {fields} are among FORWARD_FIELDS (no format specs, conversions or attributes)."""
+    import string
+
+    if not isinstance(name, str) or not TOKEN.fullmatch(name):
+        raise ConfigError(f"{where}: the header name must be a token (letters, digits, -.!%*_+`'~)")
+    if name.lower() in FORWARD_RESERVED:
+        raise ConfigError(f"{where}: {name} is set by the SIP stack, not by a pool")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: the value must be a string")
+    if any(ch in value for ch in "\r\n\0"):
+        raise ConfigError(f"{where}: the value must not contain CR, LF or NUL")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    for _, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        if field_name not in FORWARD_FIELDS or spec or conversion:
+            raise ConfigError(f"{where}: {{{field_name}}} is not one of "
+                              f"{', '.join('{' + f + '}' for f in FORWARD_FIELDS)}")
 
 
 def _check_tls(cert: str, key: str, section: str) -> None:

@@ -19,6 +19,7 @@ from .cluster.metrics import Metrics
 from .cluster.registry import CallRegistry
 from .config import Config
 from .rooms.connector import JanusRoomConnector
+from .rooms.sip_forward import SipForwardConnector
 
 
 class Served(Protocol):
@@ -36,6 +37,7 @@ class Served(Protocol):
     recordings: Recordings
     registry: CallRegistry
     connector: JanusRoomConnector | None
+    forwarders: dict[str, SipForwardConnector]
 
 
 def make_app(worker: Served) -> web.Application:
@@ -63,6 +65,7 @@ def make_app(worker: Served) -> web.Application:
             "cdr": worker.ua.cdr.status(),
             "registry": worker.registry.status(),
             "janus": worker.connector.stats() if worker.connector is not None else None,
+            "forward_pools": {name: f.stats() for name, f in worker.forwarders.items()},  # legs, live per member
             "webhooks_queued": sum(len(q) for q in worker.api.notifier.lanes.values()),
             "tasks": len(asyncio.all_tasks()),
             "fds": len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None,

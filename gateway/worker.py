@@ -38,6 +38,7 @@ from .http import make_app
 from .rooms.connector import JanusRoomConnector
 from .rooms.directory import EmbeddedDirectory, HttpDirectory, SharedDirectory, pin_key
 from .rooms.service.server import service_secrets
+from .rooms.sip_forward import SipForwardConnector
 from .store.cdr import CdrStore
 from .store.projects import ProjectStore
 from .store.recordings import RecordingStore
@@ -83,6 +84,9 @@ class Worker:
             self.connector = services.connector = JanusRoomConnector(
                 config, service_secrets(config)["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
                 self.ua.media_host)
+        # rooms reached through SIP media gateways instead (per DID or project: `forward_pool`)
+        self.forwarders = {pool.name: SipForwardConnector(pool, self.rooms) for pool in config.forward_pools}
+        services.forwarders.update(self.forwarders)
         # the Janus we start ourselves (one process; with --workers N the supervisor starts it)
         self.janus = JanusProcess(config) if manage_janus and config.janus.is_managed else None
         self.ua.find_did = self._find_did
@@ -242,6 +246,8 @@ class Worker:
         for registration in self.registrations:
             registration.stop()
         tasks = [c.task for c in self.ua.calls.values() if c.task is not None]
+        for forwarder in self.forwarders.values():  # their BYEs go out before the SIP transport closes
+            forwarder.hang_up_all()
         self.ua.close()
         if tasks:  # let each call finish its hang-up path (leave its room, close its CDR)
             await asyncio.wait(tasks, timeout=5)

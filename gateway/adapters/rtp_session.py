@@ -134,6 +134,8 @@ class RtpSession(asyncio.DatagramProtocol):
         """A re-INVITE/UPDATE changed the media (hold, new address, codec). A new address opens a learning window
         (the only way besides the window a new source is accepted); the same address, or none (c=0.0.0.0 hold),
         keeps the lock."""
+        if params.codec != self.params.codec:  # losses are filled with the new codec's silence
+            self.jitter.silence_frame = bytes([g711.SILENCE[params.codec]]) * FRAME
         self.params = params
         self._key(params)
         new = normalize(params.remote_host, params.remote_port)

@@ -261,7 +261,9 @@ OPENAPI["paths"].update({
                               "language": {"type": "string", "description": "a language prompts exist in (en-US)"},
                               "auto_record": {"type": "boolean"}}},
                           "phone": {"type": "array", "maxItems": 100, "items": _PHONE},
-                          "notification_url": {"type": "string"}}}}}},
+                          "notification_url": {"type": "string"},
+                          "forward_pool": {"type": "string", "description": "this gateway's own: \"\" (rooms on "
+                                           "Janus) or a [[forward_pools]] name (validated callers forwarded there)"}}}}}},
                   "responses": {"200": _ok("ProjectOne", "the project"), **_ONE,
                                 "409": _cpaas_error("a number of another project (1010), or a setting the "
                                                     "configuration file holds (1011)")}},

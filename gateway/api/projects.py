@@ -62,7 +62,7 @@ CODES = {"unauthorized": (401, 1001), "forbidden": (403, 1002), "too_many_auth_f
          "configured": (409, 1011), "not_supported": (400, 1012), "name_taken": (409, 1013),
          "invalid_page": (400, 1101), "page_out_of_range": (400, 1102), "invalid_order": (400, 1105),
          "internal_error": (500, 1000)}
-VOICE_KEYS = {"in", "out", "inbound", "phone", "notification_url"}
+VOICE_KEYS = {"in", "out", "inbound", "phone", "notification_url", "forward_pool"}
 INBOUND_KEYS = {"event_url", "welcome_text", "voice_type", "language", "auto_record"}
 VIDEO_KEYS = {"notification_url", "phone"}
 PROJECT_KEYS = {"app_name", "category_id", "short_desc", "description", "services_incl"}
@@ -220,7 +220,8 @@ class CpaasApi:
                                   "voice_type": project.voice_type, "language": project.language,
                                   "auto_record": project.auto_record,
                                   "prompts": self.voices.status(voice) if self.voices is not None else "pending"},
-                      "phone": phones(project.numbers), "notification_url": project.notification_url},
+                      "phone": phones(project.numbers), "notification_url": project.notification_url,
+                      "forward_pool": project.forward_pool},
             "video": {"notification_url": project.video_notification_url, "phone": phones(project.video_numbers)},
         }
 
@@ -422,6 +423,12 @@ class CpaasApi:
             changes["auto_record"] = record
         if "phone" in body:
             changes["numbers"] = self._phones(body["phone"], "phone", project, owned=True)
+        if "forward_pool" in body:  # this gateway's own: forward validated callers to SIP media gateways
+            pools = [p.name for p in self.config.forward_pools]
+            if body["forward_pool"] not in ("", *pools):
+                raise CpaasError("invalid_input", "forward_pool: \"\" (rooms on Janus) or one of the operator's "
+                                 f"[[forward_pools]]: {', '.join(pools) or 'none configured'}", "forward_pool")
+            changes["forward_pool"] = body["forward_pool"]
         before = (project.language, project.voice_type, project.welcome_text)
         for key, value in changes.items():
             setattr(project, key, value)

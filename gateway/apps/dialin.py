@@ -94,6 +94,7 @@ class DialIn:
             await self.v.goodbye("service_unavailable", "directory_unavailable", error=str(exc))
             return None
         self.call.record("validated", room_id=room_id, role=role, meeting_id=meeting_id)
+        self.call.info["meeting_id"] = meeting_id  # a connector may pass it on (sip_forward header templates)
         return room_id, role
 
     async def _attempt(self, step: str, prompt: str, meeting_id: str,

@@ -4,6 +4,7 @@ removal and closing notices) until it ends or the Voice API moves, parks or remo
     hosted: parked (hold audio) -> order "join" -> joining -> in_room (bridged, keypad menu)
                                                             -> order: join another room | leave (hang up or park)
     keypad: * then 6 mute/unmute yourself, 1 help, # count; moderators 4 mute all, 5 lock, 9 unmute all
+            (a leg says which of these it can carry out: a forwarded call only mutes itself and hears the help)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from ..calls.call import CallEnded
 from ..calls.control import Order
 from ..config import MenuConfig
-from .services import RoomError, RoomLeg, Voice, masked_number
+from .services import JoinContext, RoomConnector, RoomError, RoomLeg, Voice, masked_number
 
 # what the room says -> (the prompt the caller hears, the CDR reason of the hang-up)
 ENDINGS = {"removed": ("removed", "removed_from_room"), "room_closed": ("room_closed", "room_closed"),
@@ -44,12 +45,13 @@ async def hosted(v: Voice, order: Order | None = None) -> None:
             order = None
             continue
         v.audio.hold()  # while the leg to the room connects
-        if v.s.connector is None:
+        connector = v.s.connector_for(v.did, v.project)
+        if connector is None:
             order.finish("no room service configured")
             await call.ended.wait()
             return
         v.steer.phase, v.steer.room_id = "joining", order.room_id
-        room = InRoom(v, order.room_id, order.role)
+        room = InRoom(v, order.room_id, order.role, connector)
         outcome = await room.run(order)
         order = None
         if outcome is None or call.ended.is_set():
@@ -68,8 +70,9 @@ async def hosted(v: Voice, order: Order | None = None) -> None:
 class InRoom:
     """A validated caller in the room: bridged audio, the keypad menu, removal and closing notices."""
 
-    def __init__(self, voice: Voice, room_id: str, role: str) -> None:
+    def __init__(self, voice: Voice, room_id: str, role: str, connector: RoomConnector) -> None:
         self.v = voice
+        self.connector = connector
         self.call = voice.call
         self.audio = voice.audio
         self.room_id = room_id
@@ -91,6 +94,12 @@ class InRoom:
                 self.call.record("removed", room_id=self.room_id, by="moderator")
             key, reason = ENDINGS[kind]
             self.ending = asyncio.get_running_loop().create_task(self.v.goodbye(key, reason))
+        elif kind == "hangup" and self.ending is None and not self.call.ended.is_set():
+            # the far end of a forwarded call hung up: the caller's leg ends with it, without a prompt
+            self.ending = asyncio.get_running_loop().create_task(self._hang_up(str(event.get("reason", "forward_ended"))))
+
+    async def _hang_up(self, reason: str) -> None:
+        self.call.hangup(reason)
 
     def note_mute(self, muted: bool) -> None:
         """A change of this call's mute state that the caller did not ask for (a moderator's, from the page, the
@@ -109,10 +118,14 @@ class InRoom:
         """Join, bridge, stay until the call ends (None) or the API gives a new order (returned, not yet done)."""
         cfg = self.v.s.config
         name = masked_number(self.v.caller, cfg.room_service.mask_digits)
+        context = JoinContext(self.call, str(self.call.info.get("meeting_id", "")))
         try:
-            self.leg = await self.v.s.connector.join(self.room_id, self.role, name, self.on_event,  # type: ignore[union-attr]
-                                                      codec=self.audio.codec)
+            self.leg = await self.connector.join(self.room_id, self.role, name, self.on_event, codec=self.audio.codec,
+                                                 context=context)
         except RoomError as exc:
+            if self.call.ended.is_set():  # the caller hung up while the leg was connecting
+                order.finish("call ended")
+                return None
             if exc.code == "room_locked":
                 order.finish("room_locked")
                 self.call.record("room_locked_out", logging.INFO, room_id=self.room_id)
@@ -121,8 +134,8 @@ class InRoom:
             order.finish(f"room join failed: {exc}")
             level = logging.WARNING if exc.code == "room_full" else logging.ERROR  # a full room is no fault of ours
             self.call.record("room_join_failed", level, room_id=self.room_id, error=str(exc), code=exc.code)
-            reason = {"media_server_error": "media_server_unavailable", "room_full": "room_full"}.get(
-                exc.code, "room_join_failed")
+            reason = {"media_server_error": "media_server_unavailable", "room_full": "room_full",
+                      "forward_failed": "forward_failed"}.get(exc.code, "room_join_failed")
             await self.v.goodbye("service_unavailable", reason, error=str(exc))
             return None
         steer = self.v.steer
@@ -170,6 +183,9 @@ class InRoom:
 
     async def act(self, action: str) -> None:
         assert self.leg is not None
+        if action not in self.leg.actions:  # e.g. a forwarded call: the room's own service has those keys
+            await self.v.say("not_available")
+            return
         if action in ("mute_all", "lock", "unmute_all") and self.role != "moderator":
             await self.v.say("not_allowed")
             return
@@ -180,7 +196,7 @@ class InRoom:
             self.call.record("muted" if muted else "unmuted", room_id=self.room_id)
             await self.v.say("muted" if muted else "unmuted")
         elif action == "help":
-            await self.v.say("menu_help")
+            await self.v.say("menu_help" if "count" in self.leg.actions else "menu_help_self_only")
         elif action == "count":
             await self.v.say("participant_count", count=len(self.leg.state.get("participants", [])))
         elif action in ("mute_all", "unmute_all"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..calls.audio import CallAudio
@@ -86,10 +86,24 @@ class RoomError(RuntimeError):
         self.code = code  # e.g. "room_locked"
 
 
+# the keypad menu's actions (config.MenuConfig's fields); a leg says which of them it can carry out
+MENU_ACTIONS = frozenset({"mute_self", "help", "count", "mute_all", "lock", "unmute_all"})
+
+
+@dataclass(frozen=True)
+class JoinContext:
+    """What a connector may want to know of the call it puts into a room besides the room: the call itself (a
+    connector that relays its media and DTMF itself, `rooms.sip_forward`), the meeting ID the caller typed."""
+
+    call: Call
+    meeting_id: str = ""
+
+
 class RoomLeg(Protocol):
     room_id: str
     participant_id: str
     state: dict[str, Any]
+    actions: frozenset[str]  # the menu actions it can carry out (MENU_ACTIONS for a room service)
 
     def push(self, frame: bytes | None) -> None:
         """The caller's payload of this 20 ms tick (None: nothing arrived), in the call's codec."""
@@ -106,7 +120,18 @@ class RoomLeg(Protocol):
 
 class RoomConnector(Protocol):
     async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
-                   codec: str = "PCMU") -> RoomLeg: ...
+                   codec: str = "PCMU", context: JoinContext | None = None) -> RoomLeg: ...
+
+
+class MissingPool:
+    """The connector of a forward pool that is not configured (a stored project naming one): every join fails."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
+                   codec: str = "PCMU", context: JoinContext | None = None) -> RoomLeg:
+        raise RoomError(f"no forward pool named {self.name!r}", "forward_failed")
 
 
 def masked_number(number: str, keep: int) -> str:
@@ -126,6 +151,16 @@ class IvrServices:
     connector: RoomConnector | None = None
     projects: ProjectStore | None = None
     voices: ProjectVoices | None = None  # what each stored project sounds like (set by the project API)
+    forwarders: dict[str, RoomConnector] = field(default_factory=dict)  # forward pool name -> its connector
+
+    def connector_for(self, did: DidConfig | None, project: ProjectConfig) -> RoomConnector | None:
+        """Where this call's rooms are: the DID's connector choice, else its project's forward pool, else Janus."""
+        if did is not None and did.connector == "janus":
+            return self.connector
+        pool = (did.forward_pool if did is not None else "") or project.forward_pool
+        if pool:
+            return self.forwarders.get(pool) or MissingPool(pool)
+        return self.connector
 
 
 class Voice:

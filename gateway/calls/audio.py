@@ -41,8 +41,6 @@ class CallAudio:
     def __init__(self, media: RtpSession, trusted: list[str], voice_id: str) -> None:
         self.media = media
         self.voice_id = voice_id
-        self.codec = media.params.codec
-        self.silence = media.silence
         self.loop = asyncio.get_running_loop()
         self.detector = ToneDetector() if "inband" in trusted else None
         self.rfc4733 = Rfc4733Receiver()
@@ -60,6 +58,15 @@ class CallAudio:
         self.leg: Any = None  # the room leg once bridged (apps.services.RoomLeg)
         media.handler = self
         media.on_telephone_event = self.on_telephone_event
+
+    @property
+    def codec(self) -> str:
+        """The call's codec now: prompts and hold audio are encoded for it (a re-INVITE may have changed it)."""
+        return self.media.params.codec
+
+    @property
+    def silence(self) -> bytes:
+        return self.media.silence
 
     # -- input
     def on_telephone_event(self, packet: RtpPacket) -> None:

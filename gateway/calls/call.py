@@ -249,14 +249,17 @@ class Call:
                          self._sdp_session, self._sdp_version, proto=p.proto, crypto=crypto)
 
     def offer_sdp(self) -> bytes:
-        """An offer of ours: every configured codec, telephone-event, the transport and keys the trunk says."""
+        """An offer of ours: every configured codec (or `offer_codecs`), telephone-event, the transport and keys the
+        trunk says."""
         assert self.media is not None
         rtp = self.ua.config.rtp
         proto, crypto = self.offer_crypto()
         self._our_offer = OurOffer(proto, crypto)  # the answer must keep the transport and pick one of the lines
-        return build_sdp(self.ua.media_host, self.media.port, [(c, 0 if c == "PCMU" else 8) for c in rtp.codecs],
-                         rtp.telephone_event_pt, self.media.params.direction, self._sdp_session, self._sdp_version,
-                         proto=proto, crypto=crypto)
+        codecs = self.offer_codecs or tuple(rtp.codecs)
+        dtmf_pt = self.media.params.dtmf_pt  # the peer's own telephone-event type once it said one (a re-offer)
+        return build_sdp(self.ua.media_host, self.media.port, [(c, 0 if c == "PCMU" else 8) for c in codecs],
+                         rtp.telephone_event_pt if dtmf_pt is None else dtmf_pt, self.media.params.direction,
+                         self._sdp_session, self._sdp_version, proto=proto, crypto=crypto)
 
     def media_security(self) -> dict[str, Any]:
         """For the CDR and logs: the signalling transport and the media encryption (never a key)."""
@@ -266,6 +269,7 @@ class Call:
                 **({"srtp_suite": crypto.suite} if crypto is not None else {})}
 
     _our_offer = OurOffer()  # the transport and crypto lines of the SDP we sent last
+    offer_codecs: tuple[str, ...] = ()  # the codecs our offers name; () = rtp.codecs (a forwarded leg: the caller's)
 
     _answered_once = False
 
@@ -402,6 +406,35 @@ class Call:
         req.headers.add("Supported", "timer")
         self.ua.send_in_dialog(self, req, on_final=self._refresh_done)
         self._arm_session_timer()
+
+    def reoffer(self, codecs: tuple[str, ...], on_done: Callable[[bool], None] | None = None) -> bool:
+        """A re-INVITE of ours offering only `codecs` (a B2BUA following its other leg's codec change); `on_done`
+        hears whether the answer moved the media. False when there is no confirmed dialog to send it in."""
+        if self.dialog is None or self.ended.is_set() or self.media is None or not self.confirmed.is_set():
+            return False
+        self.offer_codecs = codecs
+        self._sdp_version += 1
+        req = self.dialog.create_request("INVITE", self.offer_sdp(), "application/sdp")
+        req.headers.add("Allow", self.ua.allow)
+
+        def answered(response: Response | None) -> None:
+            moved = False
+            if response is not None and 200 <= response.status < 300 and response.body and self.media is not None \
+                    and not self.ended.is_set():
+                try:
+                    params = self.negotiate_answer(response.body)
+                except SdpError as exc:
+                    self.record("media_failed", logging.WARNING, error=str(exc))
+                else:
+                    self.media.update(params)
+                    moved = params.codec in codecs
+                    self.record("media_updated", codec=params.codec, direction=params.direction, method="reoffer",
+                                media_encryption=params.encryption)
+            if on_done is not None:
+                on_done(moved)
+
+        self.ua.send_in_dialog(self, req, on_final=answered)
+        return True
 
     def peer_allow(self) -> list[str]:
         """The methods the other side allows (from its INVITE; a dial-out call reads them off the 2xx)."""

@@ -4,9 +4,9 @@
     if await call.place(ring_timeout):     # INVITE (digest on 401/407), 18x -> ringing, 2xx -> ACK + media
         ...                                # then the same Call API as an inbound call
 
-Our INVITE carries the SDP offer (PCMU/PCMA + telephone-event); the 2xx carries the answer. A far end that
-answers non-2xx ends the call with its status and reason; no answer within the ring timeout sends CANCEL
-(state failed, code 408). Hanging up before the answer sends CANCEL; a 2xx that crosses our CANCEL gets
+Our INVITE carries the SDP offer (PCMU/PCMA, or `offer_codecs`, + telephone-event) and any `extra_headers`; the
+2xx carries the answer. A far end that answers non-2xx ends the call with its status and reason; no answer within
+the ring timeout sends CANCEL (state failed, code 408). Hanging up before the answer sends CANCEL; a 2xx that crosses our CANCEL gets
 ACK then BYE.
 """
 
@@ -150,12 +150,13 @@ class OutboundCall(Call):
         self.remote_allow: list[str] = []
         self.failed = asyncio.Event()
         self.rang = False
+        self.extra_headers: list[tuple[str, str]] = []  # added to our INVITE (checked by whoever sets them)
 
     # -- placing the call
     async def place(self, ring_timeout: float) -> bool:
         """Send the INVITE and wait for the answer; False when the call failed (its CDR is closed)."""
         cfg = self.ua.config.rtp
-        codec = cfg.codecs[0]
+        codec = (self.offer_codecs or tuple(cfg.codecs))[0]
         params = MediaParams(self.source.host, 0, codec, 0 if codec == "PCMU" else 8, cfg.telephone_event_pt, "sendrecv")
         media = RtpSession(self.ua.clock, self.ua.ports, params, (cfg.jitter_min_ms, cfg.jitter_max_ms),
                            (cfg.strict_learning_ms, cfg.strict_learning_packets))
@@ -195,6 +196,8 @@ class OutboundCall(Call):
         h.add("User-Agent", self.ua.config.sip.user_agent)
         if authorization:
             h.add(*authorization)
+        for name, value in self.extra_headers:
+            h.add(name, value)
         h.add("Content-Type", "application/sdp")
         self.invite = Request("INVITE", self.ruri, h, self.offer_sdp())
         txn = self.ua.stack.send_request(self.invite, self.source, self.ua.now())

@@ -31,7 +31,7 @@ from ..adapters import janus_audiobridge as audiobridge
 from ..adapters.janus import JanusClient, JanusError, JanusHandle, JanusSession
 from ..adapters.ports import PortAllocator
 from ..adapters.rtp_socket import RtpSocket
-from ..apps.services import RoomError
+from ..apps.services import MENU_ACTIONS, JoinContext, RoomError
 from ..config import Config
 from ..media import g711
 from ..media.relay import FramePacer, Restamper
@@ -54,6 +54,7 @@ class JanusLeg:
         self.janus_id = ""
         self.server = ""
         self.state: dict[str, Any] = {}
+        self.actions = MENU_ACTIONS
         self.http: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.handle: JanusHandle | None = None
@@ -210,7 +211,7 @@ class JanusRoomConnector:
         return {"legs": len(self.legs), "sessions": len(sessions), "handles": sum(len(s.handles) for s in sessions)}
 
     async def join(self, room_id: str, role: str, name: str, on_event: Callable[[dict[str, Any]], None],
-                   codec: str = "PCMU") -> JanusLeg:
+                   codec: str = "PCMU", context: JoinContext | None = None) -> JanusLeg:
         leg = JanusLeg(self, room_id, codec, on_event)
         self.legs.add(leg)
         try:

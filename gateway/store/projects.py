@@ -103,6 +103,7 @@ class Project:
     video_notification_url: str = ""  # video.notification_url: stored and shown (the room service sends no webhooks)
     video_numbers: list[Number] = field(default_factory=list)  # video.phone: the dial-in numbers room pages show
     created_at: float = 0.0
+    forward_pool: str = ""  # its rooms are reached through this [[forward_pools]] entry (sip_forward); "" = Janus
 
     def public(self, with_key: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"app_id": self.app_id, "name": self.name,
@@ -120,7 +121,7 @@ class Project:
     def settings(self) -> ProjectConfig:
         return ProjectConfig(name=self.name, welcome_text=self.welcome_text, voice_type=self.voice_type,
                              language=self.language, notification_url=self.notification_url,
-                             auto_record=self.auto_record)
+                             auto_record=self.auto_record, forward_pool=self.forward_pool)
 
     def event_url(self, direction: str) -> str:
         """Where a call's webhooks go when the call names none: voice.inbound.event_url for inbound calls, else

@@ -151,6 +151,7 @@ def test_voice_settings_validation_and_what_they_change(gw: Gateway, tmp_path: P
     refused(me("PATCH", path, {"inbound": {"recording": {"s3": "bucket"}}}), 400, 1012, "inbound.recording")
     refused(me("PATCH", path, {"inbound": {"event_url": "http://user:pw@127.0.0.1/x"}}), 400, 1005, "inbound.event_url")
     refused(me("PATCH", path, {"in": "yes"}), 400, 1005, "in")
+    refused(me("PATCH", path, {"forward_pool": "nowhere"}), 400, 1005, "forward_pool")
     refused(me("PATCH", path, {"phone": [{"phone": "15550100000"}]}), 409, 1010, "phone[0].phone")  # the demo DID
     status, body, _ = me("PATCH", path, {"phone": [{"phone": API_NUMBER, "country": "US", "country_code": "1"}],
                                          "out": False, "inbound": {"auto_record": True}})
