@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS projects (
 );
 """
 COLUMNS = "app_id, key_hash, name, data, webhook_secret, key_fingerprint, created_at"
-SECRET_FIELDS = ("app_id", "app_key", "name", "webhook_secret", "key_hash", "key_fingerprint", "created_at")
+# kept in columns of their own (or never stored: app_key), not in the `data` JSON
+COLUMN_FIELDS = ("app_id", "app_key", "name", "webhook_secret", "key_hash", "key_fingerprint", "created_at")
 CACHE_TTL_S = 2.0  # how long a project read from the store is reused (a write by any process empties the cache)
 CACHE_SIZE = 256  # found projects only (an unknown app_id, name or number is never cached)
 
@@ -229,7 +230,7 @@ class ProjectStore:
     def _save(self, p: Project) -> None:
         check_notification_url(p.notification_url)
         data = asdict(p)
-        for key in SECRET_FIELDS:
+        for key in COLUMN_FIELDS:
             data.pop(key)
         data["numbers"] = [n.public() for n in p.numbers]
         data["video_numbers"] = [n.public() for n in p.video_numbers]
@@ -262,7 +263,7 @@ class ProjectStore:
         return project
 
     def reset_key(self, name: str, webhook_secret: bool = True) -> Project | None:
-        """A new app_key (the old one stops working, in other processes within CACHE_TTL_S) and, unless told
+        """A new app_key (the old one stops working at once, in every process: `data_version`) and, unless told
         otherwise, a new webhook secret; the project with both in clear, or None if there is no such project."""
         project = self.by_name(name, cached=False)
         if project is None:
