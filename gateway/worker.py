@@ -82,7 +82,7 @@ class Worker:
         if config.room_service.embedded or config.room_service.url:  # phones into rooms: their media on Janus
             self.connector = services.connector = JanusRoomConnector(
                 config, service_secrets(config)["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
-                self.ua.media_host)
+                config.sip.host)  # the legs to Janus: an address of this host, never the NAT's public one
         # the Janus we start ourselves (one process; with --workers N the supervisor starts it)
         self.janus = JanusProcess(config) if manage_janus and config.janus.is_managed else None
         self.ua.find_did = self._find_did
