@@ -136,12 +136,15 @@ def when(ts: float | None, timespec: str = "seconds") -> str:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec=timespec)
 
 
+BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}  # marks, embeddings, isolates
+
+
 def cell(value: object) -> str:
-    """A value as table text. Control and bidi-format characters (a caller's From, an old room's name) are shown
-    escaped: what the CLI prints cannot move the cursor or recolour the operator's terminal."""
+    """A value as table text. Control characters and bidi controls (a caller's From, an old room's name) are shown
+    escaped: what the CLI prints cannot move the cursor, recolour the terminal or reorder a line."""
     text = "-" if value is None or value == "" else str(value)
     return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc"
-                   else f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cf" else c for c in text)
+                   else f"\\u{ord(c):04x}" if ord(c) in BIDI else c for c in text)
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -376,8 +379,11 @@ def cmd_rooms_delete(args: argparse.Namespace) -> int:
     elif via == "room_service":
         print(f"room {room_id} deleted by the room service at {running['api'] if running else ''}: its "
               "participants were told the meeting has ended and its Janus rooms destroyed")
-    else:
+    elif running is None:
         print(f"room {room_id} deleted from the store (the room service is not running: no one was in it)")
+    else:
+        print(f"room {room_id} deleted from the store (the room service did not answer: anyone in the room was not "
+              "told)")
     return 0
 
 

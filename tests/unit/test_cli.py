@@ -99,18 +99,18 @@ def test_calls_and_cdr_print_tables_with_local_times_and_json_on_request(tmp_pat
 
     voice_id = "0c3d5b52-8a52-4c43-9d5e-9a1f0f0a0001"
     start = time.time()
-    a_call(tmp_path, voice_id, start, **{"from": "\x1b[31mevil"})  # a caller's From with a terminal escape
+    a_call(tmp_path, voice_id, start, **{"from": "\x1b[31mevil\u202e"})  # a caller's From: an escape, a bidi override
     calls = gateway_cli(tmp_path, "calls", env=KOLKATA)
     assert calls.returncode == 0, calls.stderr
     lines = calls.stdout.splitlines()
     assert lines[0].split() == ["STARTED", "VOICE_ID", "DIRECTION", "FROM", "TO", "STATE", "TALK", "END", "CODE",
                                 "PROJECT"]
     row = lines[1].split()
-    assert row[1:] == [voice_id, "inbound", "\\x1b[31mevil", "15550100001", "disconnected", "1:12", "remote_bye",
+    assert row[1:] == [voice_id, "inbound", "\\x1b[31mevil\\u202e", "15550100001", "disconnected", "1:12", "remote_bye",
                        "200", "demo"], lines
     started = row[0]  # the open_call's own clock: local ISO-8601 to the second, with the offset
     assert len(started) == 25 and started[10] == "T" and started.endswith("+05:30"), started
-    assert "\x1b" not in calls.stdout
+    assert "\x1b" not in calls.stdout and "\u202e" not in calls.stdout
     assert lines[-1] == "1 call, newest first; 'gateway cdr VOICE_ID' for one"
     as_json = gateway_cli(tmp_path, "calls", "--json")
     rows = json.loads(as_json.stdout)
@@ -256,3 +256,20 @@ def test_every_command_that_prints_takes_json() -> None:
                  ["drain", "w1"], ["prompts", "render"], ["certs", "self-signed", "--name", "x"]):
         assert p.parse_args([*argv, "--json"]).json is True, argv
         assert p.parse_args(argv).json is False, argv
+
+
+def test_a_room_service_that_does_not_answer_leaves_the_store_to_the_cli(tmp_path: Path) -> None:
+    """The running file names a live process (this test's) whose port nobody listens on: the links still come from
+    it, and `rooms delete` says the service did not answer and deletes from the store."""
+    from tests.conftest import free_port
+
+    closed = free_port()
+    (tmp_path / "room-service.running.json").write_text(json.dumps(
+        {"pid": os.getpid(), "url": "https://meet.example.com", "api": f"http://127.0.0.1:{closed}", "tls_cert": "",
+         "api_user": "demo"}))
+    room = json.loads(gateway_cli(tmp_path, "rooms", "create", "--name", "Standup", "--json").stdout)
+    assert room["links"]["join"] == f"https://meet.example.com/rooms/{room['room_id']}"
+    gone = gateway_cli(tmp_path, "rooms", "delete", room["room_id"])
+    assert gone.returncode == 0, gone.stderr
+    assert f"the room service at http://127.0.0.1:{closed} did not answer" in gone.stderr, gone.stderr
+    assert "deleted from the store (the room service did not answer" in gone.stdout, gone.stdout
