@@ -301,7 +301,24 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
     else:
         print(_room_lines(room, config))
         _note(args, source)
+        if not _caller_id(config, room["project"]):
+            _note(args, f"\"call a phone\" on its page needs a number to call from: 'gateway projects numbers add "
+                        f"{room['project'] or 'PROJECT'} NUMBER --outbound-only'")
     return 0
+
+
+def _caller_id(config: Config, project: str) -> bool:
+    """Whether the project has a number it may call from (the room page's "call a phone" needs one)."""
+    from .store.projects import ProjectStore
+
+    store = ProjectStore(config.data_dir)
+    try:
+        for configured in config.projects:
+            store.ensure(configured)
+        found = store.by_name(project, cached=False)
+        return found is not None and any(n.outbound for n in found.numbers)
+    finally:
+        store.close()
 
 
 def cmd_rooms_list(args: argparse.Namespace) -> int:

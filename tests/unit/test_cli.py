@@ -183,17 +183,20 @@ def test_rooms_list_and_delete_without_a_running_service(tmp_path: Path) -> None
     assert fields["host"].startswith(f"http://127.0.0.1:8090/rooms/{room_id}?host=") and "+05:30)" in fields["host"]
     assert fields["created"].endswith("+05:30")
     assert "the room service is not running" in made.stderr and "links from the configuration" in made.stderr
-    gateway_cli(tmp_path, "rooms", "create", "--name", "Board", "--no-sip")
+    assert "'gateway projects numbers add demo NUMBER --outbound-only'" in made.stderr  # issue 17: "call a phone"
+    assert gateway_cli(tmp_path, "projects", "numbers", "add", "demo", "+15550109998", "--outbound-only").returncode == 0
+    assert "numbers add" not in gateway_cli(tmp_path, "rooms", "create", "--name", "Board").stderr
+    gateway_cli(tmp_path, "rooms", "create", "--name", "Quiet", "--no-sip")
     listed = gateway_cli(tmp_path, "rooms", "list")
-    assert listed.stdout.count("\n  join ") == 2 and "dial-in   off" in listed.stdout, listed.stdout
+    assert listed.stdout.count("\n  join ") == 3 and "dial-in   off" in listed.stdout, listed.stdout
     rooms = json.loads(gateway_cli(tmp_path, "rooms", "list", "--json").stdout)
-    assert [r["name"] for r in rooms] == ["Standup", "Board"]
+    assert [r["name"] for r in rooms] == ["Standup", "Board", "Quiet"]
     assert rooms[0]["links"]["join"] == fields["join"] and rooms[0]["sip"]["meeting_id"] == "4242424242"
     gone = gateway_cli(tmp_path, "rooms", "delete", room_id)
     assert gone.returncode == 0 and "deleted from the store (the room service is not running" in gone.stdout, gone
     again = gateway_cli(tmp_path, "rooms", "delete", room_id, "--json")
     assert again.returncode == 1 and json.loads(again.stderr)["error"]["code"] == "not_found"
-    assert [r["name"] for r in json.loads(gateway_cli(tmp_path, "rooms", "list", "--json").stdout)] == ["Board"]
+    assert [r["name"] for r in json.loads(gateway_cli(tmp_path, "rooms", "list", "--json").stdout)] == ["Board", "Quiet"]
 
 
 def test_links_come_from_the_running_room_service_and_delete_goes_through_it(tmp_path: Path) -> None:
