@@ -264,7 +264,8 @@ def _room_lines(room: dict[str, Any], config: Config) -> str:
     return block(room["name"], [("room_id", room["room_id"]), ("project", room.get("project")),
                                 ("created", when(room.get("created_at"))), ("dial-in", dial_in),
                                 ("settings", settings), ("join", links.get("join")),
-                                ("host", f"{links.get('host')}  (moderators; share it like a password; expires {expires})")])
+                                ("host", f"{links.get('host')}  (moderators; share it like a password; "
+                                         f"expires {expires})")])
 
 
 def _links_source(config: Config) -> tuple[str | None, str]:

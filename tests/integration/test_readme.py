@@ -141,7 +141,8 @@ def log_events() -> set[str]:
     for path in (ROOT / "gateway").rglob("*.py"):
         text = path.read_text()
         for at in re.finditer(r"log\.event\(", text):  # the name, or names (`"a.b" if failed else "a.c"`)
-            found.update(re.findall(r'"([a-z_]+\.[a-z_.]+)"', text[at.end() : text.find(",", text.find(",", at.end()) + 1)]))
+            name_end = text.find(",", text.find(",", at.end()) + 1)
+            found.update(re.findall(r'"([a-z_]+\.[a-z_.]+)"', text[at.end() : name_end]))
         found.update(re.findall(r'logger\.(?:debug|info|warning|error)\(\s*"([a-z_]+\.[a-z_.]+)"', text))
     found.update(f"call.{state}" for state in ("initiated", "ringing", "answered", "media_updated", "disconnected"))
     return found  # the last: Call.record logs f"call.{state}" for the CDR's states

@@ -184,7 +184,8 @@ def test_rooms_list_and_delete_without_a_running_service(tmp_path: Path) -> None
     assert fields["created"].endswith("+05:30")
     assert "the room service is not running" in made.stderr and "links from the configuration" in made.stderr
     assert "'gateway projects numbers add demo NUMBER --outbound-only'" in made.stderr  # issue 17: "call a phone"
-    assert gateway_cli(tmp_path, "projects", "numbers", "add", "demo", "+15550109998", "--outbound-only").returncode == 0
+    added = gateway_cli(tmp_path, "projects", "numbers", "add", "demo", "+15550109998", "--outbound-only")
+    assert added.returncode == 0, added.stderr
     assert "numbers add" not in gateway_cli(tmp_path, "rooms", "create", "--name", "Board").stderr
     gateway_cli(tmp_path, "rooms", "create", "--name", "Quiet", "--no-sip")
     listed = gateway_cli(tmp_path, "rooms", "list")
@@ -196,7 +197,8 @@ def test_rooms_list_and_delete_without_a_running_service(tmp_path: Path) -> None
     assert gone.returncode == 0 and "deleted from the store (the room service is not running" in gone.stdout, gone
     again = gateway_cli(tmp_path, "rooms", "delete", room_id, "--json")
     assert again.returncode == 1 and json.loads(again.stderr)["error"]["code"] == "not_found"
-    assert [r["name"] for r in json.loads(gateway_cli(tmp_path, "rooms", "list", "--json").stdout)] == ["Board", "Quiet"]
+    left = json.loads(gateway_cli(tmp_path, "rooms", "list", "--json").stdout)
+    assert [r["name"] for r in left] == ["Board", "Quiet"]
 
 
 def test_links_come_from_the_running_room_service_and_delete_goes_through_it(tmp_path: Path) -> None:
