@@ -8,7 +8,11 @@ import json
 import os
 import subprocess
 import sys
+import time
+import unicodedata
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import log, tls
 from .config import Config, ConfigError, load_config, unknown_variables
@@ -77,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rooms = None
     if config.room_service.embedded and not args.no_rooms:
         from .cluster.janus import JanusSecrets
-        from .rooms.service.server import service_secrets
+        from .rooms.service.links import service_secrets
 
         service_secrets(config)  # create the shared secrets before the room service reads them
         JanusSecrets.load(config)
@@ -103,14 +107,80 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- output: for people by default (tables, local ISO-8601 times), `--json` for scripts (the JSON of before)
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def _fail(args: argparse.Namespace, code: str, message: str, field: str | None = None) -> int:
+    """An error on stderr: `{"error": {code, message[, field]}}` with --json, one line for people. Exit 1."""
+    if _json(args):
+        body = {"code": code, "message": message} | ({"field": field} if field else {})
+        print(json.dumps({"error": body}), file=sys.stderr)
+    else:
+        print(f"gateway: {message}", file=sys.stderr)
+    return 1
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    """A remark for people (stderr, so stdout stays the answer); none with --json."""
+    if not _json(args):
+        print(f"gateway: {message}", file=sys.stderr)
+
+
+def when(ts: float | None, timespec: str = "seconds") -> str:
+    """A Unix time in the machine's local zone, ISO-8601 with its offset (2026-11-29T15:48:36+00:00); '-' for none."""
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec=timespec)
+
+
+BIDI = {0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}  # marks, embeddings, isolates
+
+
+def cell(value: object) -> str:
+    """A value as table text. Control characters and bidi controls (a caller's From, an old room's name) are shown
+    escaped: what the CLI prints cannot move the cursor, recolour the terminal or reorder a line."""
+    text = "-" if value is None or value == "" else str(value)
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc"
+                   else f"\\u{ord(c):04x}" if ord(c) in BIDI else c for c in text)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """Aligned columns, two spaces apart, a header line first."""
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
+                     for line in [headers, *cells])
+
+
+def block(title: str, pairs: list[tuple[str, object]], indent: str = "  ") -> str:
+    """A title line, then `key  value` lines aligned."""
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join([cell(title), *(f"{indent}{k.ljust(width)}  {cell(v)}" for k, v in pairs)])
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(round(seconds))
+    h, rest = divmod(whole, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     from .cluster.supervisor import drain
 
     try:
-        print(json.dumps(drain(_config(args), args.worker)))
+        answer = drain(_config(args), args.worker)
     except (LookupError, ProcessLookupError) as exc:
-        print(json.dumps({"error": {"code": "not_found", "message": str(exc)}}), file=sys.stderr)
-        return 1
+        return _fail(args, "not_found", str(exc))
+    if _json(args):
+        print(json.dumps(answer))
+    else:
+        print(f"{answer['worker']} (pid {answer['pid']}): draining; calls in progress may go on for up to "
+              f"{answer['deadline_s']} s, then it exits")
     return 0
 
 
@@ -129,24 +199,85 @@ def cmd_kamailio_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call_duration(call: dict[str, Any]) -> float | None:
+    """Talk time: from the answer to the end (or to now, for a call in progress)."""
+    if call.get("answered_at") is None:
+        return None
+    end = call.get("ended_at")
+    return (time.time() if end is None else float(end)) - float(call["answered_at"])
+
+
 def cmd_calls(args: argparse.Namespace) -> int:
     config = _config(args)
     if not (config.data_dir / "cdr.sqlite").exists():  # an empty list would look like "no calls yet"
         print(f"gateway: no CDR store in {config.data_dir} (no call has been handled with this data directory; "
               "--data-dir or [data] dir names another)", file=sys.stderr)
     rows = cdr.list_calls(config.data_dir, limit=args.limit, active_only=args.active)
-    print(json.dumps(rows, indent=2))
+    if _json(args):
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no calls in progress" if args.active else "no calls")
+        return 0
+    print(table(["STARTED", "VOICE_ID", "DIRECTION", "FROM", "TO", "STATE", "TALK", "END", "CODE", "PROJECT"],
+                [[when(r["started_at"]), r["voice_id"], r["direction"], r["from_number"], r["to_number"], r["state"],
+                  duration(_call_duration(r)), r["reason"], r["sip_code"], r["project"]] for r in rows]))
+    more = " (--limit for more)" if len(rows) >= args.limit else ""
+    print(f"{len(rows)} call{'s' if len(rows) != 1 else ''}, newest first{more}; 'gateway cdr VOICE_ID' for one")
     return 0
+
+
+CALL_FIELDS = [("direction", "direction"), ("from", "from_number"), ("to", "to_number"), ("did", "did"),
+               ("trunk", "trunk"), ("project", "project"), ("worker", "worker"), ("transport", "transport"),
+               ("media", "media_encryption"), ("room", "room_id")]
 
 
 def cmd_cdr(args: argparse.Namespace) -> int:
     config = _config(args)
     call = cdr.get_call(config.data_dir, args.voice_id)
     if call is None:
-        print(json.dumps({"error": {"code": "not_found", "message": f"no call {args.voice_id}"}}), file=sys.stderr)
-        return 1
-    print(json.dumps(call, indent=2))
+        return _fail(args, "not_found", f"no call {args.voice_id}")
+    if _json(args):
+        print(json.dumps(call, indent=2))
+        return 0
+    ending = ", ".join(str(v) for v in (call.get("reason"), call.get("sip_code")) if v not in (None, ""))
+    pairs: list[tuple[str, object]] = [(label, call.get(key)) for label, key in CALL_FIELDS]
+    pairs += [("state", f"{call['state']} ({ending})" if ending else call["state"]),
+              ("started", when(call["started_at"])), ("answered", when(call.get("answered_at"))),
+              ("ended", when(call.get("ended_at"))), ("talk", duration(_call_duration(call)))]
+    print(block(f"call {call['voice_id']}", pairs))
+    print()
+    events = [[when(e["ts"], "milliseconds"), e["state"],
+               " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in e.items()
+                        if k not in ("ts", "state"))] for e in call["events"]]
+    print(table(["TIME", "EVENT", "DETAILS"], events))
     return 0
+
+
+def _room_lines(room: dict[str, Any], config: Config) -> str:
+    sip = room.get("sip") or {}
+    dial_in = (f"meeting ID {sip.get('meeting_id')}, PIN {sip.get('pin')}, moderator PIN {sip.get('mpin')}"
+               if sip.get("enabled") else "off")
+    settings = ", ".join(k for k, v in sorted((room.get("settings") or {}).items()) if v) or "-"
+    links = room.get("links") or {}
+    expires = when(time.time() + config.room_service.host_link_days * 86400)
+    return block(room["name"], [("room_id", room["room_id"]), ("project", room.get("project")),
+                                ("created", when(room.get("created_at"))), ("dial-in", dial_in),
+                                ("settings", settings), ("join", links.get("join")),
+                                ("host", f"{links.get('host')}  (moderators; share it like a password; "
+                                         f"expires {expires})")])
+
+
+def _links_source(config: Config) -> tuple[str | None, str]:
+    """The base of room links, and where it came from: the room service running on this data directory (its pid
+    alive), else the configuration (the service may be started later with it, or be another host's)."""
+    from .rooms.service.links import links_base, running_service
+
+    running = running_service(config.data_dir)
+    if running is not None:
+        return str(running["url"]), f"links from the room service running at {running['url']}"
+    return None, (f"the room service is not running on {config.data_dir}: links from the configuration "
+                  f"({links_base(config)})")
 
 
 def cmd_rooms_create(args: argparse.Namespace) -> int:
@@ -154,30 +285,123 @@ def cmd_rooms_create(args: argparse.Namespace) -> int:
 
     config = _config(args)
     store = RoomStore(config.data_dir)
-    if args.meeting_id is not None and not (args.meeting_id.isdigit() and 4 <= len(args.meeting_id) <= 16):
-        raise ConfigError("--meeting-id: 4 to 16 digits")
     try:
         project = args.project or (config.projects[0].name if config.projects else "")
         room = store.create(args.name, sip_enabled=not args.no_sip, meeting_id_digits=config.rooms.meeting_id_digits,
                             pin_digits=config.rooms.pin_digits, meeting_id=args.meeting_id, project=project)
     except ValueError as exc:
-        print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
-        return 1
+        return _fail(args, "conflict", str(exc))
     finally:
         store.close()
-    from .rooms.service.server import room_links, service_secrets
+    from .rooms.service.links import room_links, service_secrets
 
-    room["links"] = room_links(config, service_secrets(config)["secret"], room["room_id"])
-    print(json.dumps(room, indent=2))
+    base, source = _links_source(config)
+    room["links"] = room_links(config, service_secrets(config)["secret"], room["room_id"], base=base)
+    if _json(args):
+        print(json.dumps(room, indent=2))
+    else:
+        print(_room_lines(room, config))
+        _note(args, source)
+        if not _caller_id(config, room["project"]):
+            _note(args, f"\"call a phone\" on its page needs a number to call from: 'gateway projects numbers add "
+                        f"{room['project'] or 'PROJECT'} NUMBER --outbound-only'")
     return 0
 
 
+def _caller_id(config: Config, project: str) -> bool:
+    """Whether the project has a number it may call from (the room page's "call a phone" needs one)."""
+    from .store.projects import ProjectStore
+
+    store = ProjectStore(config.data_dir)
+    try:
+        for configured in config.projects:
+            store.ensure(configured)
+        found = store.by_name(project, cached=False)
+        return found is not None and any(n.outbound for n in found.numbers)
+    finally:
+        store.close()
+
+
 def cmd_rooms_list(args: argparse.Namespace) -> int:
+    from .rooms.service.links import room_links, service_secrets
     from .store.rooms import RoomStore
 
-    store = RoomStore(_config(args).data_dir)
-    print(json.dumps(store.list(), indent=2))
-    store.close()
+    config = _config(args)
+    store = RoomStore(config.data_dir)
+    try:
+        rooms = store.list(args.project)
+    finally:
+        store.close()
+    base, source = _links_source(config)
+    secret = service_secrets(config)["secret"] if rooms else ""
+    for room in rooms:
+        room["links"] = room_links(config, secret, room["room_id"], base=base)
+    if _json(args):
+        print(json.dumps(rooms, indent=2))
+        return 0
+    print("\n\n".join(_room_lines(room, config) for room in rooms) if rooms else "no rooms")
+    if rooms:
+        _note(args, source)
+    return 0
+
+
+async def _delete_through_service(running: dict[str, Any], api_user: str, api_key: str, room_id: str) -> int:
+    """DELETE /video/v1/rooms/{room_id} on the running service: its HTTP status."""
+    import aiohttp
+
+    auth = aiohttp.BasicAuth(api_user, api_key)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as session:
+        async with session.delete(f"{running['api']}/video/v1/rooms/{room_id}", auth=auth,
+                                  **tls.internal(str(running.get("tls_cert") or ""))) as r:
+            return r.status
+
+
+def cmd_rooms_delete(args: argparse.Namespace) -> int:
+    """Through the running room service's Video API (participants hear or see "the meeting has ended", the Janus
+    rooms are destroyed, the shared directory forgets the meeting ID); with no service running, from the store."""
+    from .rooms.service.links import running_service, service_secrets
+    from .store.rooms import RoomStore
+
+    config = _config(args)
+    room_id = args.room_id
+    running = running_service(config.data_dir)
+    via = "store"
+    if running is not None:
+        import aiohttp
+
+        error: BaseException | None = None
+        user = str(running.get("api_user") or config.room_service.api_user)
+        try:
+            status = asyncio.run(_delete_through_service(running, user, service_secrets(config)["api_key"], room_id))
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # it died since, or hangs: the store is the truth
+            status, error = 0, exc
+        if status == 404:
+            return _fail(args, "not_found", f"no room {room_id}", "room_id")
+        if status == 200:
+            via = "room_service"
+        elif status == 0:
+            _note(args, f"the room service at {running['api']} did not answer ({type(error).__name__}): "
+                        "deleting from the store")
+        else:
+            return _fail(args, "room_service_error", f"the room service answered {status}")
+    if via == "store":
+        store = RoomStore(config.data_dir)
+        try:
+            deleted = store.delete(room_id)
+        finally:
+            store.close()
+        if not deleted:
+            return _fail(args, "not_found", f"no room {room_id}", "room_id")
+    if _json(args):
+        print(json.dumps({"room_id": room_id, "state": "deleted", "via": via}))
+    elif via == "room_service":
+        print(f"room {room_id} deleted by the room service at {running['api'] if running else ''}: its "
+              "participants were told the meeting has ended and its Janus rooms destroyed")
+    elif running is None:
+        print(f"room {room_id} deleted from the store (the room service is not running: no one was in it)")
+    else:
+        print(f"room {room_id} deleted from the store (the room service did not answer: anyone in the room was not "
+              "told)")
     return 0
 
 
@@ -188,16 +412,10 @@ def webhook_target_refusal(url: str, config: Config) -> str | None:
 
 
 def cmd_projects_create(args: argparse.Namespace) -> int:
-    from .store.projects import Number, ProjectStore, check_notification_url, normalize_number
+    from .store.projects import Number, ProjectStore, check_notification_url
 
     config = _config(args)
-    numbers = []
-    for raw in args.number or []:
-        try:
-            normalize_number(raw)
-        except ValueError as exc:
-            raise ConfigError(f"--number {raw!r}: {exc}") from None
-        numbers.append(Number(raw, inbound=not args.outbound_only, outbound=not args.inbound_only))
+    numbers = [Number(raw, inbound=not args.outbound_only, outbound=not args.inbound_only) for raw in args.number or []]
     try:
         check_notification_url(args.notification_url or "")
     except ValueError as exc:
@@ -214,31 +432,47 @@ def cmd_projects_create(args: argparse.Namespace) -> int:
                                trunk=args.trunk or "", welcome_text=args.welcome_text or "",
                                voice_type=args.voice_type, language=args.language, auto_record=args.auto_record)
     except ValueError as exc:
-        print(json.dumps({"error": {"code": "conflict", "message": str(exc)}}), file=sys.stderr)
-        return 1
+        return _fail(args, "conflict", str(exc))
     finally:
         store.close()
-    _print_credentials(project.public(with_key=True))
+    _print_project(args, project.public(with_key=True), "created")
     return 0
 
 
-def _print_credentials(project: dict[str, object]) -> None:
-    print(json.dumps(project, indent=2))
-    shown = "app_key and webhook_secret above are" if "app_key" in project else "webhook_secret above is"
-    print(f"gateway: the {shown} shown only now (the store keeps a hash of the key, and 'gateway projects "
-          f"list' a fingerprint); 'gateway projects reset-key {project['name']}' replaces them", file=sys.stderr)
+def _numbers_text(numbers: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{n['number']} ({'/'.join(d for d in ('in', 'out') if n.get(d)) or 'off'}"
+                     f"{', route ' + n['route'] if n.get('route') else ''})" for n in numbers) or "-"
+
+
+def _print_project(args: argparse.Namespace, project: dict[str, Any], what: str = "") -> None:
+    """One project: JSON with --json, else a block. Credentials (present once: create, reset) are marked and
+    followed by the reminder that they are shown only now."""
+    secrets = [k for k in ("app_key", "webhook_secret") if k in project]
+    if _json(args):
+        print(json.dumps(project, indent=2))
+    else:
+        inbound = project.get("inbound") or {}
+        pairs: list[tuple[str, object]] = [("app_id", project["app_id"])]
+        pairs += [(k, f"{project[k]}   <- SECRET, shown only now: store it") for k in secrets]
+        pairs += [("numbers", _numbers_text(project.get("numbers") or [])),
+                  ("notification_url", project.get("notification_url")), ("trunk", project.get("trunk") or "default"),
+                  ("welcome_text", inbound.get("welcome_text")),
+                  ("voice", f"{inbound.get('voice_type')}, {inbound.get('language')}"),
+                  ("auto_record", "yes" if inbound.get("auto_record") else "no"),
+                  ("key fingerprint", project.get("app_key_fingerprint"))]
+        print(block(f"project {project['name']}" + (f" ({what})" if what else ""), pairs))
+    if secrets:
+        shown = "app_key and webhook_secret above are" if "app_key" in project else "webhook_secret above is"
+        print(f"gateway: the {shown} shown only now (the store keeps a hash of the key, and 'gateway projects "
+              f"list' a fingerprint); 'gateway projects reset-key {project['name']}' replaces them", file=sys.stderr)
 
 
 def cmd_projects_numbers(args: argparse.Namespace) -> int:
     """numbers add NAME NUMBER: the project takes calls to NUMBER and/or may call from it; numbers remove NAME NUMBER.
     A number belongs to one project at most. Prints the project (no secrets)."""
-    from .store.projects import Number, ProjectStore, normalize_number
+    from .store.projects import Number, ProjectStore
 
     config = _config(args)
-    try:
-        normalize_number(args.number)
-    except ValueError as exc:
-        raise ConfigError(f"number {args.number!r}: {exc}") from None
     wanted = args.number.lstrip("+")
     store = ProjectStore(config.data_dir)
     try:
@@ -268,10 +502,9 @@ def cmd_projects_numbers(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if error is not None:
-        print(json.dumps({"error": dict(zip(("code", "message", "field"), error, strict=True))}), file=sys.stderr)
-        return 1
+        return _fail(args, *error)
     assert project is not None
-    print(json.dumps(project.public(), indent=2))
+    _print_project(args, project.public())
     return 0
 
 
@@ -280,10 +513,21 @@ def cmd_projects_list(args: argparse.Namespace) -> int:
 
     config = _config(args)
     store = ProjectStore(config.data_dir)
-    for configured in config.projects:
-        store.ensure(configured)
-    print(json.dumps([p.public() for p in store.list()], indent=2))
-    store.close()
+    try:
+        for configured in config.projects:
+            store.ensure(configured)
+        projects = [p.public() for p in store.list()]
+    finally:
+        store.close()
+    if _json(args):
+        print(json.dumps(projects, indent=2))
+        return 0
+    if not projects:
+        print("no projects")
+        return 0
+    print(table(["NAME", "APP_ID", "KEY", "NUMBERS", "NOTIFICATION_URL"],
+                [[p["name"], p["app_id"], p["app_key_fingerprint"], _numbers_text(p["numbers"]),
+                  p["notification_url"]] for p in projects]))
     return 0
 
 
@@ -304,10 +548,8 @@ def cmd_projects_reset(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if project is None:
-        print(json.dumps({"error": {"code": "not_found", "message": f"no project named {args.name!r}", "field": "name"}}),
-              file=sys.stderr)
-        return 1
-    _print_credentials(project.public(with_key=True))
+        return _fail(args, "not_found", f"no project named {args.name!r}", "name")
+    _print_project(args, project.public(with_key=True), "new credentials")
     return 0
 
 
@@ -338,7 +580,11 @@ def cmd_prompts_render(args: argparse.Namespace) -> int:
         return 1
     finally:
         library.close()
-    print(json.dumps({"prompts": count, "rendered": library.rendered, "cache": str(config.data_dir / "prompts-cache")}))
+    answer = {"prompts": count, "rendered": library.rendered, "cache": str(config.data_dir / "prompts-cache")}
+    if _json(args):
+        print(json.dumps(answer))
+    else:
+        print(f"{count} prompts ready in {answer['cache']} ({library.rendered} rendered now, the rest cached)")
     return 0
 
 
@@ -350,9 +596,49 @@ def cmd_certs_self_signed(args: argparse.Namespace) -> int:
         print(f"gateway: certs: {cert} or {key} exists (--force replaces them)", file=sys.stderr)
         return 1
     tls.self_signed(args.name, cert, key, args.days)
-    print(json.dumps({"cert": str(cert), "key": str(key), "names": args.name, "days": args.days,
-                      "config": {"tls_cert": str(cert), "tls_key": str(key)}}))
+    if _json(args):
+        print(json.dumps({"cert": str(cert), "key": str(key), "names": args.name, "days": args.days,
+                          "config": {"tls_cert": str(cert), "tls_key": str(key)}}))
+    else:
+        print(f"wrote {cert} and {key} (0600) for {', '.join(args.name)}, valid {args.days} days; use them as\n"
+              f'  [http] tls_cert = "{cert}"  tls_key = "{key}"\n'
+              f'  [room_service] tls_cert = "{cert}"  tls_key = "{key}"')
     return 0
+
+
+# -- arguments checked by the rules the APIs apply (one rule each, imported from where the API takes it)
+
+def _room_name(value: str) -> str:
+    from .store.rooms import name_problem
+
+    problem = name_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _meeting_id(value: str) -> str:
+    from .store.rooms import meeting_id_problem
+
+    problem = meeting_id_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _number(value: str) -> str:
+    from .store.projects import normalize_number
+
+    try:
+        return normalize_number(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
+
+
+def _room_id(value: str) -> str:
+    if not (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
+        raise argparse.ArgumentTypeError(f"{value!r}: a room id is 32 hex digits ('gateway rooms list' shows them)")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -362,6 +648,7 @@ def parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", type=Path, help=f"TOML config (default: {DEFAULT_CONFIG} if present)")
         sp.add_argument("--data-dir", help="data directory (CDR store, caches)")
+        sp.add_argument("--json", action="store_true", help="JSON for scripts (default: text for people)")
 
     run = sub.add_parser("run", help="run a worker")
     common(run)
@@ -385,23 +672,24 @@ def parser() -> argparse.ArgumentParser:
     common(kam)
     kam.set_defaults(func=cmd_kamailio_config)
 
-    calls = sub.add_parser("calls", help="list calls (JSON)")
+    calls = sub.add_parser("calls", help="list calls, newest first")
     common(calls)
     calls.add_argument("--active", action="store_true", help="only calls not yet disconnected")
     calls.add_argument("--limit", type=int, default=100)
     calls.set_defaults(func=cmd_calls)
 
-    c = sub.add_parser("cdr", help="one call's record and events (JSON)")
+    c = sub.add_parser("cdr", help="one call's record and events")
     common(c)
     c.add_argument("voice_id")
     c.set_defaults(func=cmd_cdr)
 
     rooms = sub.add_parser("rooms", help="the embedded room store").add_subparsers(dest="rooms_command", required=True)
-    create = rooms.add_parser("create", help="create a room (JSON with room_id and sip: meeting_id, pin, mpin)")
+    create = rooms.add_parser("create", help="create a room: its links, meeting ID, PIN and moderator PIN")
     common(create)
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, type=_room_name, help="1 to 64 characters")
     create.add_argument("--no-sip", action="store_true", help="a room without dial-in")
-    create.add_argument("--meeting-id", help="use this meeting ID (digits) instead of a random one")
+    create.add_argument("--meeting-id", type=_meeting_id, help="use this meeting ID (4 to 16 digits) instead of a "
+                                                               "random one")
     create.add_argument("--project", help="the project the room belongs to (default: the first configured)")
     create.set_defaults(func=cmd_rooms_create)
     serve = rooms.add_parser("serve", help="run the embedded room service (Video API, room page, media)")
@@ -409,17 +697,24 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default: room_service.port)")
     serve.add_argument("--voice-api-url", help="the gateway's Voice API for the page's \"call a phone\"")
     serve.set_defaults(func=cmd_rooms_serve)
-    listing = rooms.add_parser("list", help="all rooms (JSON)")
+    listing = rooms.add_parser("list", help="all rooms, with their links and dial-in details")
     common(listing)
+    listing.add_argument("--project", help="only this project's rooms")
     listing.set_defaults(func=cmd_rooms_list)
+    delete = rooms.add_parser("delete", help="delete a room (through the running room service: its participants are "
+                                             "told, its Janus rooms destroyed)")
+    common(delete)
+    delete.add_argument("room_id", type=_room_id, help="the room's id (32 hex digits)")
+    delete.set_defaults(func=cmd_rooms_delete)
 
     projects = sub.add_parser("projects", help="API projects (app_id/app_key, numbers, webhook)").add_subparsers(
         dest="projects_command", required=True)
-    pcreate = projects.add_parser("create", help="create a project; prints JSON with its app_id, app_key and "
-                                                 "webhook_secret (shown only then)")
+    pcreate = projects.add_parser("create", help="create a project; prints its app_id, app_key and webhook_secret "
+                                                 "(shown only then)")
     common(pcreate)
     pcreate.add_argument("--name", required=True)
-    pcreate.add_argument("--number", action="append", help="an E.164 number of the project (repeatable)")
+    pcreate.add_argument("--number", action="append", type=_number,
+                         help="an E.164 number of the project: optional +, then 6 to 15 digits (repeatable)")
     direction = pcreate.add_mutually_exclusive_group()
     direction.add_argument("--inbound-only", action="store_true", help="the numbers take calls only (out=false)")
     direction.add_argument("--outbound-only", action="store_true", help="the numbers are caller IDs only (in=false)")
@@ -431,7 +726,7 @@ def parser() -> argparse.ArgumentParser:
     pcreate.add_argument("--voice-type", choices=["female", "male"], default="female", help="prompt voice")
     pcreate.add_argument("--language", default="en-US", help="prompt language (prompts/<language>.toml)")
     pcreate.set_defaults(func=cmd_projects_create)
-    plist = projects.add_parser("list", help="all projects (JSON; keys only as fingerprints)")
+    plist = projects.add_parser("list", help="all projects (keys only as fingerprints)")
     common(plist)
     plist.set_defaults(func=cmd_projects_list)
     preset = projects.add_parser("reset-key", help="a new app_key and webhook secret (the old key stops working); "
@@ -450,7 +745,7 @@ def parser() -> argparse.ArgumentParser:
                                           "[[dids]] says otherwise) and its dial-outs may show it")
     common(nadd)
     nadd.add_argument("name", help="the project's name")
-    nadd.add_argument("number", help="E.164: optional +, then 6 to 15 digits")
+    nadd.add_argument("number", type=_number, help="E.164: optional +, then 6 to 15 digits")
     ndirection = nadd.add_mutually_exclusive_group()
     ndirection.add_argument("--inbound-only", action="store_true", help="it takes calls only (out=false)")
     ndirection.add_argument("--outbound-only", action="store_true", help="a caller ID only (in=false)")
@@ -458,7 +753,7 @@ def parser() -> argparse.ArgumentParser:
     nremove = numbers.add_parser("remove", help="take a number from a project")
     common(nremove)
     nremove.add_argument("name", help="the project's name")
-    nremove.add_argument("number")
+    nremove.add_argument("number", type=_number)
     nremove.set_defaults(func=cmd_projects_numbers)
 
     prompts = sub.add_parser("prompts", help="spoken prompts").add_subparsers(dest="prompts_command", required=True)
@@ -474,6 +769,7 @@ def parser() -> argparse.ArgumentParser:
     signed.add_argument("--out", default="data/tls", help="directory for cert.pem and key.pem (default: data/tls)")
     signed.add_argument("--days", type=int, default=397, help="validity (default: 397, what browsers accept)")
     signed.add_argument("--force", action="store_true", help="replace existing files")
+    signed.add_argument("--json", action="store_true", help="JSON for scripts (default: text for people)")
     signed.set_defaults(func=cmd_certs_self_signed)
     return p
 

@@ -83,7 +83,7 @@ class Worker:
         if config.room_service.embedded or config.room_service.url:  # phones into rooms: their media on Janus
             self.connector = services.connector = JanusRoomConnector(
                 config, service_secrets(config)["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
-                self.ua.media_host)
+                config.sip.host)  # the legs to Janus: an address of this host, never the NAT's public one
         # rooms reached through SIP media gateways instead (per DID or project: `forward_pool`)
         self.forwarders = {pool.name: SipForwardConnector(pool, self.rooms) for pool in config.forward_pools}
         services.forwarders.update(self.forwarders)

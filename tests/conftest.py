@@ -145,7 +145,7 @@ class Gateway:
             return e.code, json.loads(e.read() or b"{}")
 
     def cli(self, *args: str) -> dict | list:  # type: ignore[type-arg]
-        out = subprocess.run([sys.executable, "-m", "gateway", *args, "--data-dir", str(self.data_dir)],
+        out = subprocess.run([sys.executable, "-m", "gateway", *args, "--json", "--data-dir", str(self.data_dir)],
                              capture_output=True, timeout=30, cwd=ROOT, check=True)
         return json.loads(out.stdout)
 

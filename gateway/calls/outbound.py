@@ -162,7 +162,7 @@ class OutboundCall(Call):
                            (cfg.strict_learning_ms, cfg.strict_learning_packets))
         media.require_srtp = self.encryption == "required"
         try:
-            await media.open(self.ua.media_host)
+            await media.open(self.ua.config.sip.host)  # bound to sip.host; the SDP says media_host
         except (OSError, PortsExhausted) as exc:
             self._fail(503, "no RTP port", error=str(exc))
             return False

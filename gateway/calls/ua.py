@@ -71,7 +71,7 @@ class UserAgent:
         self._auth_failures: dict[str, list[float]] = {}
         self.accepting = True
         self.allow = ALLOW
-        self.media_host = config.sip.public_host or config.sip.host
+        self.media_host = config.sip.public_host or config.sip.host  # in Contact and SDP; sockets bind to sip.host
         self.trusted_sources: dict[str, TrunkConfig] = {}  # registrar addresses (REGISTER client)
         self.find_did: Callable[[str], DidConfig | None] = config.did  # the worker adds the projects' numbers
         self.listener: Callable[[Call, str, dict[str, object]], None] | None = None  # webhooks, metrics, registry
@@ -483,7 +483,7 @@ class UserAgent:
                            (rtp.strict_learning_ms, rtp.strict_learning_packets))
         media.require_srtp = call.encryption == "required"
         try:
-            await media.open(self.media_host)
+            await media.open(self.config.sip.host)  # the SDP says media_host (public_host behind a NAT)
         except (OSError, PortsExhausted) as exc:
             call.reject(503, "Service Unavailable", why="no_rtp_port", error=str(exc))
             return

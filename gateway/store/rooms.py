@@ -15,6 +15,7 @@ import logging
 import secrets
 import sqlite3
 import time
+import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,31 @@ from ..config import ConfigError
 from .secure import DataKey, private_sqlite, sealed
 
 logger = logging.getLogger("gateway.store")
+NAME_MAX = 64  # characters in a room's name (the page's title and tiles)
+MEETING_ID_DIGITS = (4, 16)  # a meeting ID given by hand (`--meeting-id`): ASCII digits, this many
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be a room's name, or None: the one rule for the Video API and the CLI. A string of
+    1-NAME_MAX characters of Unicode text (JSON can carry lone surrogates, which UTF-8 and SQLite cannot), not
+    blank, without control characters (a name is one line on the page and in a table)."""
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX or not name.strip():
+        return f"a string of 1-{NAME_MAX} characters, not only spaces"
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return "Unicode text (no lone surrogates)"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "no control characters (tabs, new lines, escapes)"
+    return None
+
+
+def meeting_id_problem(meeting_id: str) -> str | None:
+    """Why `meeting_id` cannot be given to a room, or None: what a keypad can type and the IVR collects."""
+    low, high = MEETING_ID_DIGITS
+    if not (meeting_id.isascii() and meeting_id.isdigit() and low <= len(meeting_id) <= high):
+        return f"{low} to {high} digits (0-9)"
+    return None
 # the data directory's key that sealed this file's secrets (a check value, not the key): see `store_key`
 META = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);

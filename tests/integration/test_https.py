@@ -115,7 +115,8 @@ def test_tls_configuration_mistakes_are_said_at_start(tmp_path: Path) -> None:
 
 
 def test_the_self_signed_command_writes_a_usable_pair(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "gateway", "certs", "self-signed", "--name", "meet.example.com",
+    out = subprocess.run([sys.executable, "-m", "gateway", "certs", "self-signed", "--json",
+                          "--name", "meet.example.com",
                           "--name", "192.0.2.10", "--out", str(tmp_path / "tls")],
                          capture_output=True, text=True, timeout=30, cwd=ROOT, check=True)
     made = json.loads(out.stdout)

@@ -17,7 +17,8 @@ IVR_DID = "15550100000"
 
 
 def create_room(gw: Gateway, meeting_id: str | None = None) -> dict:  # type: ignore[type-arg]
-    args = [sys.executable, "-m", "gateway", "rooms", "create", "--name", "test", "--data-dir", str(gw.data_dir)]
+    args = [sys.executable, "-m", "gateway", "rooms", "create", "--json", "--name", "test",
+            "--data-dir", str(gw.data_dir)]
     if meeting_id:
         args += ["--meeting-id", meeting_id]
     return json.loads(subprocess.run(args, capture_output=True, timeout=30, cwd=ROOT, check=True).stdout)
@@ -221,7 +222,8 @@ def test_pin_guessing_limit_refuses_further_attempts(tmp_path: Path) -> None:
 
 def test_fixed_room_did_asks_pin_only(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    out = subprocess.run([sys.executable, "-m", "gateway", "rooms", "create", "--name", "fixed", "--data-dir", str(data)],
+    out = subprocess.run([sys.executable, "-m", "gateway", "rooms", "create", "--json", "--name", "fixed",
+                          "--data-dir", str(data)],
                          capture_output=True, timeout=30, cwd=ROOT, check=True).stdout
     room = json.loads(out)
     cfg = make_test_config() + f'\n[[dids]]\nnumber = "15550100003"\nroute = "room"\nproject = "demo"\nroom_id = "{room["room_id"]}"\n'

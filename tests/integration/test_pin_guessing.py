@@ -53,7 +53,8 @@ def gateway(tmp: Path, text: str, redis_url: str = "") -> Gateway:
 
 
 def create_room(gw: Gateway, project: str = "") -> dict[str, Any]:
-    args = [sys.executable, "-m", "gateway", "rooms", "create", "--name", "guessed", "--data-dir", str(gw.data_dir)]
+    args = [sys.executable, "-m", "gateway", "rooms", "create", "--json", "--name", "guessed",
+            "--data-dir", str(gw.data_dir)]
     args += ["--config", str(gw.data_dir.parent / "gateway.toml")] + (["--project", project] if project else [])
     return json.loads(subprocess.run(args, capture_output=True, timeout=90, cwd=ROOT, check=True).stdout)  # type: ignore[no-any-return]
 

@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 def test_concurrent_renderings_into_one_cache_all_succeed(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    cmd = [sys.executable, "-m", "gateway", "prompts", "render", "--data-dir", str(data)]
+    cmd = [sys.executable, "-m", "gateway", "prompts", "render", "--json", "--data-dir", str(data)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     for proc, (out, err) in zip(procs, outs, strict=True):

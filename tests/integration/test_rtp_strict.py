@@ -245,7 +245,8 @@ def test_attacker_digits_do_not_reach_another_callers_ivr(tmp_path: Path) -> Non
     try:
         wait_until(lambda: '"prompts.ready"' in gw.log(), 60, "prompts rendered")
         room = json.loads(subprocess.run(
-            [sys.executable, "-m", "gateway", "rooms", "create", "--name", "victim", "--data-dir", str(gw.data_dir)],
+            [sys.executable, "-m", "gateway", "rooms", "create", "--json", "--name", "victim",
+             "--data-dir", str(gw.data_dir)],
             capture_output=True, timeout=30, cwd=ROOT, check=True).stdout)
         keys = room["sip"]["meeting_id"] + "#" + room["sip"]["mpin"] + "#"
         uac = Uac(gw, IVR_DID)

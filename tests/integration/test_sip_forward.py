@@ -127,7 +127,7 @@ def room_first(tmp_path: Path) -> dict:  # type: ignore[type-arg]
     import json
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "gateway", "rooms", "create", "--name", "Standup", "--data-dir",
+    out = subprocess.run([sys.executable, "-m", "gateway", "rooms", "create", "--json", "--name", "Standup", "--data-dir",
                           str(tmp_path / "data")], capture_output=True, timeout=30, cwd=ROOT, check=True).stdout
     return json.loads(out)  # type: ignore[no-any-return]
 

@@ -21,6 +21,23 @@ def test_builtin_uac_calls_echo(gateway: Gateway) -> None:
         assert states == ["initiated", "answered", "disconnected"], states
 
 
+def test_public_host_is_announced_while_the_sockets_bind_to_host(tmp_path: Path) -> None:
+    """Behind a 1:1 NAT (README "Deploying"): `public_host` is an address the machine does not have. The answer's
+    Contact and SDP name it, the RTP socket binds to `host`: the call is answered (it was 503 no_rtp_port when the
+    socket tried to bind to the public address). sipp's built-in caller sends no RTP: nothing leaves loopback."""
+    gw = start_gateway(tmp_path, env={"GATEWAY_SIP_PUBLIC_HOST": "192.0.2.10"})  # TEST-NET-1: never this host's
+    try:
+        r = run_sipp(gw.sip, "-sn", "uac", "-s", "15550100001", "-m", "1", "-d", "500", "-trace_msg",
+                     "-message_file", str(tmp_path / "messages.log"), cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+        answer = (tmp_path / "messages.log").read_text()
+        assert "c=IN IP4 192.0.2.10" in answer and "@192.0.2.10:" in answer, answer[-2000:]
+        row = gw.wait_calls_ended(1)[0]
+        assert row["reason"] == "remote_bye" and row["answered_at"], row
+    finally:
+        stop_gateway(gw)
+
+
 def test_tcp_call(gateway: Gateway) -> None:
     r = run_sipp(gateway.sip, "-sn", "uac", "-s", "15550100001", "-m", "2", "-r", "2", "-d", "500", "-t", "t1")
     assert r.returncode == 0, r.stdout + r.stderr

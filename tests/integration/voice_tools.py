@@ -95,8 +95,9 @@ class HookServer:
 
 def cli(data: Path, *args: str, env: dict[str, str] | None = None) -> Any:
     """The gateway CLI; its webhook checks allow the tests' loopback receivers unless `env` says otherwise."""
-    out = subprocess.run([sys.executable, "-m", "gateway", *args, "--data-dir", str(data)], capture_output=True,
-                         timeout=30, cwd=ROOT, check=True, env={**os.environ, **ALLOW_LOOPBACK, **(env or {})})
+    out = subprocess.run([sys.executable, "-m", "gateway", *args, "--json", "--data-dir", str(data)],
+                         capture_output=True, timeout=30, cwd=ROOT, check=True,
+                         env={**os.environ, **ALLOW_LOOPBACK, **(env or {})})
     return json.loads(out.stdout)
 
 

@@ -57,7 +57,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -67,11 +67,21 @@ from ...cluster.janus import JanusSecrets
 from ...config import Config
 from ...sources import FailureWindow, source_key
 from ...store.projects import ProjectStore
-from ...store.rooms import RoomStore
+from ...store.rooms import RoomStore, name_problem
 from ..directory import pin_key, publish_room, unpublish_room
 from . import security
 from .janus_rooms import JanusPool, janus_urls
-from .live import MAX_NAME, LiveRooms
+from .links import (
+    check_host_token,
+    check_phone_token,
+    room_links,
+    running_service,
+    service_secrets,
+    write_running,
+)
+from .links import host_token as host_token  # noqa: F401 - used by importers of the service
+from .links import phone_token as phone_token  # noqa: F401
+from .live import LiveRooms
 from .recording import RecordingError, RoomRecorder
 
 logger = logging.getLogger("gateway.rooms")
@@ -80,61 +90,8 @@ STATIC = Path(__file__).parent / "static"
 ASSETS = {"room.js": "text/javascript", "room.css": "text/css", "start.js": "text/javascript",
           "favicon.svg": "image/svg+xml"}  # what /static/ serves
 DIALS_PER_MINUTE = 10  # outbound calls one room's page may place
-PHONE_TOKEN_S = 60  # a phone token is good this long: the worker makes one per join
 VOICE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_CREDENTIAL = 256  # longer Basic user names or keys are refused before any lookup
-
-
-def service_secrets(config: Config) -> dict[str, str]:
-    """The API key and the gateway<->service secret: from config, else generated once into the data dir."""
-    rs = config.room_service
-    path = config.data_dir / "room-service.json"
-    stored: dict[str, str] = {}
-    if path.exists():
-        stored = json.loads(path.read_text())
-    changed = False
-    for key in ("api_key", "secret"):
-        if getattr(rs, key):
-            stored[key] = getattr(rs, key)
-        elif key not in stored:
-            stored[key] = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
-            changed = True
-    if changed:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(stored, f)
-    return stored
-
-
-def host_token(secret: str, room_id: str, expires: int) -> str:
-    """The moderators' token of a room (in the host link), good until `expires` (Unix time)."""
-    return security.sign(secret, f"host:{room_id}", expires)
-
-
-def check_host_token(secret: str, room_id: str, token: object, now: float | None = None) -> str:
-    """"ok", "expired" or "invalid"."""
-    return security.verify(secret, f"host:{room_id}", token, time.time() if now is None else now)
-
-
-def phone_token(secret: str, room_id: str, role: str, now: float | None = None) -> str:
-    """The worker's token for one join of a phone in `role`: good for PHONE_TOKEN_S from `now`."""
-    expires = int((time.time() if now is None else now) + PHONE_TOKEN_S)
-    return security.sign(secret, f"phone:{room_id}:{role}", expires)
-
-
-def check_phone_token(secret: str, room_id: str, role: str, token: object, now: float | None = None) -> bool:
-    return security.verify(secret, f"phone:{room_id}:{role}", token, time.time() if now is None else now,
-                           skew=security.CLOCK_SKEW_S) == "ok"
-
-
-def room_links(config: Config, secret: str, room_id: str, now: float | None = None) -> dict[str, str]:
-    """The page for participants, and the moderator (host) page, whose link expires in `host_link_days`."""
-    rs = config.room_service
-    base = rs.url or f"{tls.scheme(rs.tls_cert)}://{rs.host}:{rs.port}"
-    expires = int((time.time() if now is None else now) + rs.host_link_days * 86400)
-    return {"join": f"{base}/rooms/{room_id}",
-            "host": f"{base}/rooms/{room_id}?host={host_token(secret, room_id, expires)}"}
 
 
 def error(status: int, code: str, message: str, field: str | None = None) -> web.Response:
@@ -175,17 +132,6 @@ async def json_object(request: web.Request) -> dict[str, Any] | web.Response:
     if not isinstance(body, dict):
         return error(400, "invalid_body", "the body must be a JSON object")
     return body
-
-
-def is_text(value: object) -> TypeGuard[str]:
-    """A str that is Unicode text: JSON can carry lone surrogates, which UTF-8 (and SQLite) cannot."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def where(exc: BaseException) -> str:
@@ -306,8 +252,9 @@ class RoomService:
         if isinstance(body, web.Response):
             return body
         name = body.get("name")
-        if not is_text(name) or not 0 < len(name) <= MAX_NAME:
-            return error(400, "invalid_name", f"name: a string of 1-{MAX_NAME} characters", "name")
+        problem = name_problem(name)  # the CLI checks the same rule
+        if problem is not None or not isinstance(name, str):
+            return error(400, "invalid_name", f"name: {problem}", "name")
         settings = body.get("settings", {})
         if not isinstance(settings, dict):
             return error(400, "invalid_settings", "settings: an object")
@@ -680,6 +627,7 @@ def serve(config: Config) -> None:
         rs = config.room_service
         await web.TCPSite(runner, rs.host, rs.port,
                           ssl_context=tls.server_context(rs.tls_cert, rs.tls_key) if rs.tls_cert else None).start()
+        running = write_running(config)
         log.event(logger, "rooms.started", http=f"{rs.host}:{rs.port}", data_dir=str(config.data_dir))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -690,6 +638,9 @@ def serve(config: Config) -> None:
         await service.live.close()  # participants told first (their sockets closed), then the server stops
         await runner.cleanup()
         await service.close()
+        mine = running_service(config.data_dir)
+        if mine is not None and mine.get("pid") == os.getpid():  # another service may have taken the data dir since
+            running.unlink(missing_ok=True)
         log.event(logger, "rooms.stopped")
 
     asyncio.run(main())
