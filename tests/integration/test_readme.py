@@ -144,6 +144,8 @@ def log_events() -> set[str]:
             name_end = text.find(",", text.find(",", at.end()) + 1)
             found.update(re.findall(r'"([a-z_]+\.[a-z_.]+)"', text[at.end() : name_end]))
         found.update(re.findall(r'logger\.(?:debug|info|warning|error)\(\s*"([a-z_]+\.[a-z_.]+)"', text))
+        # a call's events, logged as f"call.{state}": Call.record("x", ...) and the forward leg's event(caller, "x")
+        found.update(f"call.{state}" for state in re.findall(r'(?:\.record|\bevent)\((?:[a-z_.]+, )?"([a-z_]+)"', text))
     found.update(f"call.{state}" for state in ("initiated", "ringing", "answered", "media_updated", "disconnected"))
     return found  # the last: Call.record logs f"call.{state}" for the CDR's states
 
