@@ -1,4 +1,5 @@
-"""The worker's HTTP side: /healthz (no credentials) and the Voice API (gateway.api)."""
+"""The worker's HTTP side: /healthz (no credentials), the Voice API, the project API and the operator console
+(gateway.api)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from . import tls
 from .adapters.clock import MediaClock
+from .api.console import Console
 from .api.projects import CpaasApi
 from .api.recordings import Recordings
 from .api.voice import VoiceApi
@@ -34,6 +36,7 @@ class Served(Protocol):
     metrics: Metrics
     api: VoiceApi
     cpaas: CpaasApi
+    console: Console
     recordings: Recordings
     registry: CallRegistry
     connector: JanusRoomConnector | None
@@ -79,4 +82,5 @@ def make_app(worker: Served) -> web.Application:
     worker.api.routes(app)
     worker.cpaas.routes(app)
     worker.recordings.routes(app)
+    worker.console.routes(app)
     return app

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from . import log, tls
 from .adapters.clock import MediaClock
+from .api.console import Console
 from .api.projects import CpaasApi
 from .api.recordings import Recordings
 from .api.voice import VoiceApi
@@ -101,6 +102,7 @@ class Worker:
         self._cpu: tuple[float, float] = (time.monotonic(), time.process_time())
         self._cpu_percent = 0.0
         self._workers_alive = 1
+        self.console = Console(self.api, operator, name, self.clock, lambda: self._cpu_percent)
         self.metrics = Metrics(self.ua, self.notifier, lambda: self._workers_alive, lambda: self._cpu_percent,
                                registry=self.registry)
         self.cdr_alarm = StoreAlarm(self.cdr, name, config.cluster.alarm_url, lambda: self._workers_alive)
@@ -188,6 +190,7 @@ class Worker:
         await self.recordings.repair()  # this worker's recordings cut short by a crash: fixed and announced
         await self.registry.start()
         self.metrics.start()
+        self.console.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
         await self.ua.start()
         for registration in self.registrations:
@@ -258,6 +261,7 @@ class Worker:
         if self.janus is not None:
             await self.janus.stop()
         self.clock.stop()
+        await self.console.close()  # its live streams end, or the HTTP server would wait for them
         if self._runner:
             await self._runner.cleanup()
         await self.notifier.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class Call:
                  **info: Any) -> None:
         self.ua = ua
         self.voice_id = str(uuid.uuid4())
+        self.started_at = time.time()  # wall clock, as the CDR's started_at (the console shows the duration)
         self.invite = invite
         self.invite_txn: ServerInviteTransaction | None = txn
         self.source = source

@@ -364,3 +364,41 @@ def get_call(data_dir: Path | str, voice_id: str) -> dict[str, Any] | None:
     db.close()
     call["events"] = [{"ts": e["ts"], "state": e["state"], **json.loads(e["data"])} for e in events]
     return call
+
+
+SEARCH_STATES = ("initiated", "ringing", "answered", "joined", "disconnected")
+
+
+def search_calls(data_dir: Path | str, since: float | None = None, until: float | None = None, number: str = "",
+                 project: str = "", state: str = "", reason: str = "", limit: int = 50,
+                 offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Calls started in [since, until) whose caller or called number (or DID) contains `number`, of `project`, in
+    `state`, ended for `reason`; newest first, `limit` from `offset`, and how many match in all (the console)."""
+    path = Path(data_dir) / "cdr.sqlite"
+    if not path.exists():
+        return [], 0
+    where, args = ["1=1"], []  # type: tuple[list[str], list[Any]]
+    if since is not None:
+        where.append("started_at >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("started_at < ?")
+        args.append(until)
+    if number:
+        pattern = "%" + number.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where.append("(from_number LIKE ? ESCAPE '\\' OR to_number LIKE ? ESCAPE '\\' OR did LIKE ? ESCAPE '\\')")
+        args += [pattern] * 3
+    for column, value in (("project", project), ("state", state), ("reason", reason)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    clause = " AND ".join(where)
+    db = connect(path)
+    try:
+        db.row_factory = _row
+        total = db.execute(f"SELECT COUNT(*) AS n FROM calls WHERE {clause}", args).fetchone()["n"]
+        rows = db.execute(f"SELECT * FROM calls WHERE {clause} ORDER BY started_at DESC, voice_id LIMIT ? OFFSET ?",
+                          [*args, limit, offset]).fetchall()
+    finally:
+        db.close()
+    return rows, int(total)
