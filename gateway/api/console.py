@@ -167,10 +167,18 @@ class Console:
             self.series.append(self._sample_now())
             await asyncio.sleep(SAMPLE_S)
 
-    def _mask(self, number: Any, did: Any = "") -> str:
+    def _numbers(self, direction: str, from_: Any, to: Any) -> dict[str, str]:
+        """From and to as shown: the other party's number masked, the gateway's own (the DID called, the caller ID
+        dialled from) as it is."""
+        if direction == "outbound":
+            return {"from": str(from_ or ""), "to": self._mask(to)}
+        return {"from": self._mask(from_), "to": str(to or "")}
+
+    def _mask(self, number: Any) -> str:
+        """A person's number as the room page shows a phone: its last mask_digits digits."""
         text = str(number or "")
-        if not text or text == str(did or ""):
-            return text  # the gateway's own number (the DID) is not a caller's
+        if not text:
+            return ""
         return masked_number(text, self.keep).removeprefix("Phone").strip() or "•••"
 
     def _call(self, call: Call, now: float) -> dict[str, Any]:
@@ -179,7 +187,7 @@ class Console:
         media = call.media
         row: dict[str, Any] = {
             "voice_id": call.voice_id, "worker": self.name, "direction": call.direction,
-            "from": self._mask(info.get("from"), info.get("did")), "to": self._mask(info.get("to"), info.get("did")),
+            **self._numbers(call.direction, info.get("from") or info.get("caller"), info.get("to") or info.get("did")),
             "did": str(info.get("did") or ""), "project": str(info.get("project") or ""), "state": call.state,
             "phase": str(getattr(control, "phase", "") or ""), "room_id": str(getattr(control, "room_id", "") or ""),
             "duration_s": round(max(0.0, now - call.started_at), 1), "codec": "", "loss_pct": None, "jitter_ms": None}
@@ -336,8 +344,8 @@ class Console:
         started, ended = row.get("started_at"), row.get("ended_at")
         end = ended or (time.time() if row.get("state") != cdr.FINAL else None)
         return {"voice_id": row["voice_id"], "direction": row.get("direction"),
-                "from": self._mask(row.get("from_number"), row.get("did")),
-                "to": self._mask(row.get("to_number"), row.get("did")), "did": row.get("did") or "",
+                **self._numbers(str(row.get("direction")), row.get("from_number"), row.get("to_number")),
+                "did": row.get("did") or "",
                 "project": row.get("project") or "", "worker": row.get("worker") or "", "state": row.get("state"),
                 "started_at": _iso(started), "answered_at": _iso(row.get("answered_at")), "ended_at": _iso(ended),
                 "duration_s": round(end - started, 1) if started and end else None, "sip_code": row.get("sip_code"),

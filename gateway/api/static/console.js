@@ -144,6 +144,13 @@
         line.setAttribute("points", pts.join(" "));
         line.setAttribute("class", "series s" + (i % 4));
         svg.appendChild(line);
+        if (pts.length) {  // the latest sample as a dot (one sample alone draws no line)
+          const [x, y] = pts[pts.length - 1].split(",");
+          const dot = document.createElementNS(SVG, "circle");
+          dot.setAttribute("cx", x); dot.setAttribute("cy", y); dot.setAttribute("r", "2.5");
+          dot.setAttribute("class", "dot s" + (i % 4));
+          svg.appendChild(dot);
+        }
         const last = series[n].length ? series[n][series[n].length - 1][key] : null;
         legend.appendChild(el("span", `${n}: ${last === null ? "–" : Number(last).toFixed(key === "lateness_p99_ms" ? 1 : 0)}${unit}`, "key s" + (i % 4)));
       });
