@@ -197,7 +197,18 @@ def test_one_console_shows_the_cluster_and_drains_the_other_worker(tmp_path: Pat
                 return {w["name"]: w["status"] for w in snap.get("workers", [])}
 
             wait_until(lambda: statuses() == {"w1": "up", "w2": "up"}, 30, "both workers up in w1's console")
+            # two calls through Kamailio (round robin: one on each worker), both live in w1's console
+            result: dict[str, Any] = {}
+            caller = threading.Thread(target=lambda: result.update(r=run_sipp(
+                cluster.sip, "-sn", "uac", "-s", ECHO_DID, "-m", "2", "-r", "2", "-d", "6000", timeout=60)), daemon=True)
+            caller.start()
+            wait_until(lambda: {c["worker"] for c in (console(b).get("snapshot") or {}).get("calls", [])} == {"w1", "w2"},
+                       20, "a call of each worker in w1's console")
+            assert sorted(live_rows(b)) == sorted(c["voice_id"] for c in console(b)["snapshot"]["calls"])
             fits(b, "console-cluster")
+            wait_until(lambda: not live_rows(b), 30, "both calls to end")
+            caller.join(30)
+            assert result["r"].returncode == 0, result["r"].stdout[-2000:]
             w2_pid = cluster.pid(2)
             b.click("#workers tr[data-worker='w2'] button.drain")
             b.click("#confirm-yes")
