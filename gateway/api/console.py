@@ -202,11 +202,12 @@ class Console:
     def local(self) -> dict[str, Any]:
         """This worker: its calls in progress, its load and health, its chart samples."""
         now = time.time()
+        load = self._sample_now()
         return {
             "worker": self.name, "pid": os.getpid(), "status": "up" if self.ua.accepting else "draining",
             "calls": [self._call(c, now) for c in list(self.ua.calls.values())],
-            "load": self._sample_now(), "cdr_ok": self.ua.cdr.status()["ok"],
-            "rtp_ports_in_use": self.ua.ports.in_use, "series": list(self.series)}
+            "load": load, "cdr_ok": self.ua.cdr.status()["ok"], "rtp_ports_in_use": self.ua.ports.in_use,
+            "series": [*self.series, load]}  # the charts end with now
 
     # -- the cluster
     def _pidfiles(self) -> list[dict[str, Any]]:

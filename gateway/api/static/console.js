@@ -121,9 +121,9 @@
     const names = Object.keys(series).sort();
     const now = Date.now() / 1000, span = 600;
     for (const [key, title, unit] of CHARTS) {
-      let top = 0;
-      for (const n of names) for (const s of series[n]) top = Math.max(top, s[key] || 0);
-      top = top > 0 ? top * 1.15 : 1;
+      let peak = 0;
+      for (const n of names) for (const s of series[n]) if (s.t >= now - span) peak = Math.max(peak, s[key] || 0);
+      const top = peak > 0 ? peak * 1.15 : 1;
       const fig = el("figure", null, "chart");
       fig.dataset.metric = key;
       const W = 300, H = 90;
@@ -154,7 +154,7 @@
         const last = series[n].length ? series[n][series[n].length - 1][key] : null;
         legend.appendChild(el("span", `${n}: ${last === null ? "–" : Number(last).toFixed(key === "lateness_p99_ms" ? 1 : 0)}${unit}`, "key s" + (i % 4)));
       });
-      const max = el("span", "max " + (top / 1.15).toFixed(key === "lateness_p99_ms" ? 1 : 0) + unit, "max");
+      const max = el("span", "max " + peak.toFixed(key === "lateness_p99_ms" ? 1 : 0) + unit, "max");
       fig.appendChild(legend);
       fig.appendChild(svg);
       fig.appendChild(max);
