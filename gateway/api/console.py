@@ -75,6 +75,21 @@ VOICE_ID = re.compile(r"[0-9a-fA-F-]{1,64}")
 FIELD = re.compile(r"[\w .:@+-]{0,64}")  # a search field (project, state, reason, number)
 
 
+class ConsoleError(ApiError):
+    """The Voice API's JSON errors, with a login prompt of the console's own ("console" realm)."""
+
+    def response(self) -> web.Response:
+        r = super().response()
+        if self.status == 401:
+            r.headers["WWW-Authenticate"] = 'Basic realm="console", charset="UTF-8"'
+        return r
+
+
+def _as_console(exc: ApiError) -> ApiError:
+    return exc if isinstance(exc, ConsoleError) else ConsoleError(exc.status, exc.code, exc.message, exc.field,
+                                                                  exc.retry_after)
+
+
 def csv_cell(value: Any) -> str:
     """A CSV cell a spreadsheet shows as text: a cell starting with = + - @ (or a tab or CR) is a formula to
     Excel and LibreOffice, so it gets a leading apostrophe (OWASP's "CSV injection")."""
@@ -120,7 +135,7 @@ class Console:
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path != "/console" and not request.path.startswith("/console/"):
             return await handler(request)  # type: ignore[no-any-return]
-        return await self.voice.guarded(request, handler, OPERATOR, self._authenticate)
+        return await self.voice.guarded(request, handler, OPERATOR, self._authenticate, _as_console)
 
     def _authenticate(self, header: str, source: str) -> bool:
         """The operator's api_user:api_key, else 401 (a browser prompts); failures count as the Voice API's."""

@@ -43,11 +43,14 @@ def request(url: str, auth: str | None = None, method: str = "GET",
         return e.code, dict(e.headers), e.read()
 
 
-def console_browser(tmp: Path, auth: str) -> Browser:
-    """Chromium sending the operator's credentials with every request (what its login prompt would do)."""
+def console_browser(tmp: Path, auth: str | None) -> Browser:
+    """Chromium sending the operator's credentials with every request (what its login prompt would do); None: as
+    it comes, to be given credentials in the page's URL (then cached for the page's script, style and requests
+    as after the prompt)."""
     b = Browser(tmp, tone_wav(tmp / "mic.wav", 440.0, seconds=1.0))
-    b.driver.execute_cdp_cmd("Network.enable", {})
-    b.driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": auth}})
+    if auth is not None:
+        b.driver.execute_cdp_cmd("Network.enable", {})
+        b.driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": auth}})
     return b
 
 
@@ -62,7 +65,7 @@ def live_rows(b: Browser) -> list[str]:
 def js_fetch_text(b: Browser, path: str) -> tuple[int, str, str]:
     return tuple(b.driver.execute_async_script(  # type: ignore[return-value]
         "const done = arguments[arguments.length - 1];"
-        "fetch(arguments[0]).then(async r => done([r.status, r.headers.get('content-type'), await r.text()]),"
+        "fetch(location.origin + arguments[0]).then(async r => done([r.status, r.headers.get('content-type'), await r.text()]),"
         " e => done([0, '', String(e)]));", path))
 
 
@@ -80,7 +83,7 @@ def test_every_console_route_needs_the_operator(gateway: Gateway) -> None:
               "/console/api/local", "/console/api/cdr", "/console/api/cdr.csv", "/console/api/calls/abc"]
     for path in routes:
         status, headers, _ = request(base + path)
-        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic"), (path, status)
+        assert status == 401 and headers["WWW-Authenticate"].startswith('Basic realm="console"'), (path, status)
     wrong = "Basic " + base64.b64encode(b"demo:not-the-key").decode()
     status, _, _ = request(base + "/console", wrong)
     assert status == 401
@@ -164,9 +167,10 @@ def test_drain_this_worker_from_the_console(tmp_path: Path) -> None:
     """`gateway run` alone (no supervisor): the console drains the worker serving it, which then stops (exit 0),
     as `gateway drain w1` would."""
     gw = start_gateway(tmp_path)
-    b = console_browser(tmp_path, operator(gw.data_dir))
+    b = console_browser(tmp_path, None)
     try:
-        b.driver.get(f"{gw.api_url}/console")
+        key = json.loads((gw.data_dir / "room-service.json").read_text())["api_key"]
+        b.driver.get(f"http://demo:{key}@127.0.0.1:{gw.http_port}/console")  # what a person types at the prompt
         wait_until(lambda: b.driver.execute_script(
             "const b = document.querySelector('#workers tr[data-worker=\"w1\"] button.drain'); return b && !b.disabled"),
             15, "w1's drain button")

@@ -8,6 +8,8 @@
   window.gwConsole = state;
   const PER_PAGE = 25;
   const SVG = "http://www.w3.org/2000/svg";
+  // against the origin: a page opened as http://user:key@host/console has a base URL fetch() refuses
+  const api = (path, options) => fetch(location.origin + path, options);
 
   function el(tag, text, cls) {
     const e = document.createElement(tag);
@@ -193,10 +195,10 @@
     const name = pending;
     $("confirm").close();
     if (!name) return;
-    const r = await fetch(`/console/api/workers/${encodeURIComponent(name)}/drain`,
+    const r = await api(`/console/api/workers/${encodeURIComponent(name)}/drain`,
                           { method: "POST", headers: { "X-Console": "drain" } });
     if (r.ok) state.drained.push(name);
-    else alert(`Drain of ${name} failed: HTTP ${r.status}`);
+    $("drain-msg").textContent = r.ok ? `${name} is draining.` : `The drain of ${name} failed: HTTP ${r.status}.`;
   });
 
   // -- search
@@ -217,7 +219,7 @@
     $("csv").href = "/console/api/cdr.csv?" + p.toString();
     p.set("page", String(page));
     p.set("per_page", String(PER_PAGE));
-    const r = await fetch("/console/api/cdr?" + p.toString());
+    const r = await api("/console/api/cdr?" + p.toString());
     const body = await r.json();
     if (!r.ok) { $("found").textContent = body.error ? body.error.message : "HTTP " + r.status; return; }
     state.page = page;
@@ -256,7 +258,7 @@
 
   // -- timeline
   async function showTimeline(voiceId) {
-    const r = await fetch("/console/api/calls/" + encodeURIComponent(voiceId));
+    const r = await api("/console/api/calls/" + encodeURIComponent(voiceId));
     const body = await r.json();
     if (!r.ok) return;
     state.timeline = body;
