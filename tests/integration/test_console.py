@@ -18,12 +18,26 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Gateway, run_sipp, start_gateway, stop_gateway, stop_process, wait_until
+from tests.conftest import (
+    Gateway,
+    free_port,
+    make_test_config,
+    run_sipp,
+    scenario,
+    start_gateway,
+    stop_gateway,
+    stop_process,
+    wait_until,
+)
 from tests.integration.browser import Browser, tone_wav
 from tests.integration.test_cluster import start_cluster
 from tests.integration.test_room_page import fits
+from tests.integration.test_voice_api import caller_audio
+from tests.integration.voice_tools import HookServer, VoiceClient, cli
 
 ECHO_DID = "15550100001"
+API_NUMBER = "15550109999"  # a project's number, route api: the application bridges the call into a room
+CALLER = "15551237777"  # caller_waits.xml's From
 
 
 def operator(data_dir: Path) -> str:
@@ -229,3 +243,51 @@ def test_one_console_shows_the_cluster_and_drains_the_other_worker(tmp_path: Pat
             b.driver.quit()
     finally:
         stop_process(cluster.proc, signal.SIGINT, grace=30)
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(180)
+def test_a_phone_bridged_into_a_room_is_listed_under_it(tmp_path: Path) -> None:
+    """A sipp caller to a project's API number, put into a new room through the Voice API (plain RTP on Janus:
+    no WebRTC, no network namespace): the console lists the room with that phone, masked, and the call's phase."""
+    hooks = HookServer(free_port())
+    hooks.start()
+    acme = cli(tmp_path / "data", "projects", "create", "--name", "acme", "--number", API_NUMBER,
+               "--notification-url", hooks.url)
+    gw = start_gateway(tmp_path, make_test_config())
+    b = console_browser(tmp_path, operator(gw.data_dir))
+    try:
+        wait_until(lambda: '"rooms.started"' in gw.log(), 60, "the room service")
+        b.driver.get(f"{gw.api_url}/console")
+        sc = scenario(tmp_path, "caller_waits.xml", audio=str(caller_audio(tmp_path)))
+        result: dict[str, Any] = {}
+        caller = threading.Thread(target=lambda: result.update(r=run_sipp(gw.sip, "-sf", str(sc), "-s", API_NUMBER,
+                                                                          "-m", "1", timeout=90)), daemon=True)
+        caller.start()
+        vid = hooks.first("incoming")["voice_id"]
+        client = VoiceClient(gw, acme["app_id"], acme["app_key"])
+        status, body, _ = client("PUT", f"/voice/v1/room/new/call/{vid}/join")
+        assert status == 200 and body["state"] == "joined", body
+        room_id = body["room_id"]
+
+        def listed() -> dict[str, Any] | None:
+            snap = console(b).get("snapshot") or {}
+            return next((r for r in snap.get("rooms", []) if r["room_id"] == room_id), None)
+
+        room = wait_until(listed, 15, "the room in the console")
+        masked = "•" * (len(CALLER) - 4) + CALLER[-4:]
+        assert room["phones"] == [{"name": masked, "voice_id": vid}] and room["browsers"] == [], room
+        call = next(c for c in console(b)["snapshot"]["calls"] if c["voice_id"] == vid)
+        assert call["phase"] == "in_room" and call["room_id"] == room_id and call["from"] == masked, call
+        assert CALLER not in b.driver.page_source  # the whole number is nowhere in the page
+        servers = console(b)["snapshot"]["media_servers"]
+        assert servers and all(s["connected"] for s in servers), servers
+        fits(b, "console-room")
+        assert client("DELETE", f"/voice/v1/room/{room_id}/call/{vid}")[0] == 200
+        wait_until(lambda: listed() is None and not live_rows(b), 15, "the room and the call to leave the console")
+        caller.join(60)
+        assert result["r"].returncode == 0, result["r"].stdout[-2000:]
+    finally:
+        b.driver.quit()
+        stop_gateway(gw)
+        hooks.stop()

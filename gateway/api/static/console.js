@@ -20,6 +20,7 @@
   function cell(tr, label, value, cls) {
     const td = el("td", value, cls);
     td.dataset.label = label;
+    if (cls === "mono" && value) td.title = String(value);  // cut short on narrow tables: whole on hover
     tr.appendChild(td);
     return td;
   }
