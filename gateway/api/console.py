@@ -30,6 +30,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -268,7 +270,7 @@ class Console:
         user, key = self.operator
         for room_id in room_ids[:50]:
             try:
-                async with session.get(f"{base}/video/v1/rooms/{room_id}/participants",
+                async with session.get(f"{base}/video/v1/rooms/{quote(room_id, safe='')}/participants",
                                        auth=aiohttp.BasicAuth(user, key), **extra) as r:
                     if r.status == 200:
                         people[room_id] = list((await r.json()).get("participants", []))
@@ -377,7 +379,9 @@ class Console:
                 try:
                     args[key] = float(value)
                 except ValueError:
-                    raise ApiError(400, "invalid_input", f"{key}: Unix seconds", key) from None
+                    args[key] = math.nan
+                if not math.isfinite(args[key]):
+                    raise ApiError(400, "invalid_input", f"{key}: Unix seconds", key)
         for key in ("number", "project", "state", "reason"):
             value = q.get(key, "").strip()
             if not FIELD.fullmatch(value):

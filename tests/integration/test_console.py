@@ -109,6 +109,8 @@ def test_every_console_route_needs_the_operator(gateway: Gateway) -> None:
     key = json.loads((gateway.data_dir / "room-service.json").read_text())
     _, _, snap = request(base + "/console/api/snapshot", auth)
     assert key["api_key"].encode() not in snap and key["secret"].encode() not in snap
+    for bad in ("since=nan", "until=inf", "since=yesterday", "number=%3Cscript%3E", "page=0", "per_page=1000"):
+        assert request(f"{base}/console/api/cdr?{bad}", auth)[0] == 400, bad
     # a drain needs the console's header (no cross-site form can send it) and a known worker
     status, _, _ = request(base + "/console/api/workers/w1/drain", auth, "POST")
     assert status == 403
@@ -217,16 +219,28 @@ def test_one_console_shows_the_cluster_and_drains_the_other_worker(tmp_path: Pat
             wait_until(lambda: statuses() == {"w1": "up", "w2": "up"}, 30, "both workers up in w1's console")
             # two calls through Kamailio (round robin: one on each worker), both live in w1's console
             result: dict[str, Any] = {}
-            caller = threading.Thread(target=lambda: result.update(r=run_sipp(
-                cluster.sip, "-sn", "uac", "-s", ECHO_DID, "-m", "2", "-r", "2", "-d", "6000", timeout=60)), daemon=True)
-            caller.start()
-            wait_until(lambda: {c["worker"] for c in (console(b).get("snapshot") or {}).get("calls", [])} == {"w1", "w2"},
-                       20, "a call of each worker in w1's console")
+            # a call straight to each worker's own SIP port (Kamailio's round robin is per process: two calls
+            # through it may well land on the same worker)
+            def call(worker: str) -> None:
+                sip = json.loads((cluster.data / "workers" / f"{worker}.json").read_text())["sip"]
+                result[worker] = run_sipp(sip, "-sn", "uac", "-s", ECHO_DID, "-m", "1", "-d", "6000", timeout=60)
+
+            callers = [threading.Thread(target=call, args=(w,), daemon=True) for w in ("w1", "w2")]
+            for caller in callers:
+                caller.start()
+            try:
+                wait_until(lambda: {c["worker"] for c in (console(b).get("snapshot") or {}).get("calls", [])} ==
+                           {"w1", "w2"}, 20, "a call of each worker in w1's console")
+            except AssertionError:
+                shown = [(c["worker"], c["voice_id"]) for c in (console(b).get("snapshot") or {}).get("calls", [])]
+                held = [(r["worker"], r["voice_id"], r["state"]) for r in cluster.calls()]
+                raise AssertionError(f"w1's console shows {shown}; the CDR holds {held}") from None
             assert sorted(live_rows(b)) == sorted(c["voice_id"] for c in console(b)["snapshot"]["calls"])
             fits(b, "console-cluster")
             wait_until(lambda: not live_rows(b), 30, "both calls to end")
-            caller.join(30)
-            assert result["r"].returncode == 0, result["r"].stdout[-2000:]
+            for caller in callers:
+                caller.join(30)
+            assert all(r.returncode == 0 for r in result.values()), {w: r.stdout[-1000:] for w, r in result.items()}
             w2_pid = cluster.pid(2)
             b.click("#workers tr[data-worker='w2'] button.drain")
             b.click("#confirm-yes")
