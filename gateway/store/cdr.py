@@ -366,9 +366,6 @@ def get_call(data_dir: Path | str, voice_id: str) -> dict[str, Any] | None:
     return call
 
 
-SEARCH_STATES = ("initiated", "ringing", "answered", "joined", "disconnected")
-
-
 def search_calls(data_dir: Path | str, since: float | None = None, until: float | None = None, number: str = "",
                  project: str = "", state: str = "", reason: str = "", limit: int = 50,
                  offset: int = 0) -> tuple[list[dict[str, Any]], int]:
