@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from .. import log
 from ..media import g711
@@ -47,6 +46,9 @@ def read_wav(path: Path) -> np.ndarray:
     if channels > 1:
         x = x.reshape(-1, channels).mean(axis=1)
     if rate != RATE:
+        from scipy.signal import resample_poly  # here: importing scipy.signal costs 1.5 s of CPU, and only a fresh
+        # rendering (or a recorded prompt at another rate) needs it, never a process that reads the cache
+
         g = np.gcd(rate, RATE)
         x = resample_poly(x, RATE // g, rate // g)
     return np.clip(x, -32768, 32767).astype(np.int16)
