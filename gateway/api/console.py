@@ -39,7 +39,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -251,8 +250,8 @@ class Console:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError):
             return {"worker": name, "status": "unreachable", "calls": [], "series": []}
 
-    async def _room_service(self, room_ids: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-        """The room service's Janus servers (its /healthz) and the participants of the rooms calls are in."""
+    async def _room_service(self) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+        """The room service's Janus servers (its /healthz) and every live room's participants."""
         running = running_service(self.data_dir)
         if running is None:
             return [], {}
@@ -268,14 +267,13 @@ class Console:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             servers = [{"url": base, "connected": False, "rooms": 0, "error": "room service unreachable"}]
         user, key = self.operator
-        for room_id in room_ids[:50]:
-            try:
-                async with session.get(f"{base}/video/v1/rooms/{quote(room_id, safe='')}/participants",
-                                       auth=aiohttp.BasicAuth(user, key), **extra) as r:
-                    if r.status == 200:
-                        people[room_id] = list((await r.json()).get("participants", []))
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-                pass
+        try:  # every live room, browsers included (a room with browsers only has no call to show it)
+            async with session.get(f"{base}/video/v1/live", auth=aiohttp.BasicAuth(user, key), **extra) as r:
+                body = await r.json() if r.status == 200 else {}
+            for room in body.get("rooms", [])[:200]:
+                people[str(room.get("room_id", ""))] = list(room.get("participants", []))
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
+            pass
         return servers, people
 
     async def snapshot(self) -> dict[str, Any]:
@@ -293,8 +291,8 @@ class Console:
         others = [p for p in self._pidfiles() if p.get("name") != self.name]
         parts = [self.local(), *await asyncio.gather(*(self._peer(p) for p in others))]
         calls = sorted((c for part in parts for c in part.get("calls", [])), key=lambda c: -c.get("duration_s", 0))
-        room_ids = sorted({c["room_id"] for c in calls if c.get("room_id")})
-        servers, people = await self._room_service(room_ids)
+        servers, people = await self._room_service()
+        room_ids = sorted({c["room_id"] for c in calls if c.get("room_id")} | set(people))
         rooms = []
         for room_id in room_ids:
             phones = [{"name": c["from"] if c["direction"] == "inbound" else c["to"], "voice_id": c["voice_id"]}

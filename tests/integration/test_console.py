@@ -294,6 +294,16 @@ def test_a_phone_bridged_into_a_room_is_listed_under_it(tmp_path: Path) -> None:
         call = next(c for c in console(b)["snapshot"]["calls"] if c["voice_id"] == vid)
         assert call["phase"] == "in_room" and call["room_id"] == room_id and call["from"] == masked, call
         assert CALLER not in b.driver.page_source  # the whole number is nowhere in the page
+        # what the console reads of the room service: every live room (browsers too), a project's own only
+        mine = VoiceClient(gw, acme["app_id"], acme["app_key"])
+        mine.base = gw.rooms_url
+        status, live, _ = mine("GET", "/video/v1/live")
+        assert status == 200 and [r["room_id"] for r in live["rooms"]] == [room_id], live
+        assert [p["kind"] for p in live["rooms"][0]["participants"]] == ["phone"]
+        demo = cli(gw.data_dir, "projects", "reset-key", "demo")
+        theirs = VoiceClient(gw, demo["app_id"], demo["app_key"])
+        theirs.base = gw.rooms_url
+        assert theirs("GET", "/video/v1/live")[1] == {"rooms": []}, "another project's live rooms are not shown"
         servers = console(b)["snapshot"]["media_servers"]
         assert servers and all(s["connected"] for s in servers), servers
         fits(b, "console-room")

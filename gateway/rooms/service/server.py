@@ -8,6 +8,7 @@ REST (HTTP Basic: a project's app_id:app_key, which sees its own rooms only, or 
 api_user:api_key, which sees every room and creates rooms in `project` (default: the first configured)):
     POST   /video/v1/rooms                          {name, settings: {sip: {enabled}, wait_for_moderator,
                                                      allow_self_unmute}}
+    GET    /video/v1/live                           the rooms someone is in now, with their participants
     GET    /video/v1/rooms/{room_id}
     GET    /video/v1/rooms/{room_id}/participants
     DELETE /video/v1/rooms/{room_id}
@@ -300,6 +301,16 @@ class RoomService:
             return error(404, "room_not_found", "no room with this room_id")
         return web.json_response(self.room_json(room))
 
+    async def live_rooms(self, request: web.Request) -> web.Response:
+        """The rooms with someone in them now (the credentials' own: a project's, or all for the operator's), each
+        with its participants: what the operator console shows (browsers included, which no worker knows of)."""
+        project = request.get(PROJECT)
+        rooms = [{"room_id": room.id, "project": room.project, "recording": room.recording is not None,
+                  "locked": room.locked, "participants": [p.public() for p in room.participants.values()]}
+                 for room in list(self.live.rooms.values())
+                 if room.participants and (project is None or room.project == project)]
+        return web.json_response({"rooms": rooms})
+
     async def participants(self, request: web.Request) -> web.Response:
         room_id = request.match_info["room_id"]
         if await self._visible(request) is None:
@@ -588,6 +599,7 @@ class RoomService:
 
         app.router.add_get("/healthz", healthz)
         app.router.add_post("/video/v1/rooms", self.create_room)
+        app.router.add_get("/video/v1/live", self.live_rooms)
         app.router.add_get("/video/v1/rooms/{room_id}", self.get_room)
         app.router.add_get("/video/v1/rooms/{room_id}/participants", self.participants)
         app.router.add_delete("/video/v1/rooms/{room_id}", self.delete_room)
