@@ -129,7 +129,8 @@ def test_a_dial_out_over_tls_reaches_baresip_verified_and_joins_a_room(tmp_path:
             (tmp_path / home).mkdir()
             gw = start_gateway(tmp_path / home, make_test_config(trunk),
                                {**env, "GATEWAY_SIP_TLS_CA": str(trusted)})
-            try:
+            try:  # the call joins a room: the room service must be up (the worker answers /healthz before it)
+                wait_until(lambda gw=gw: '"rooms.started"' in gw.log(), 30, "the room service")  # type: ignore[misc]
                 acme = cli(gw.data_dir, "projects", "create", "--name", "acme", "--number", ACME_NUMBER)
                 room = cli(gw.data_dir, "rooms", "create", "--name", "Board", "--project", "acme")
                 status, body, _ = VoiceClient(gw, acme["app_id"], acme["app_key"])(
