@@ -24,6 +24,12 @@
     tr.appendChild(td);
     return td;
   }
+  function timelineButton(tr, voiceId) {  // the last cell of a call's row
+    const b = el("button", "Timeline", "small");
+    b.type = "button";
+    b.addEventListener("click", () => showTimeline(voiceId));
+    cell(tr, "", "").appendChild(b);
+  }
   function duration(s) {
     if (s === null || s === undefined) return "";
     s = Math.round(s);
@@ -52,11 +58,7 @@
       cell(tr, "Loss", num(c.loss_pct, " %", 1));
       cell(tr, "Jitter", num(c.jitter_ms, " ms", 1));
       cell(tr, "Worker", c.worker);
-      const td = cell(tr, "", "");
-      const b = el("button", "Timeline", "small");
-      b.type = "button";
-      b.addEventListener("click", () => showTimeline(c.voice_id));
-      td.appendChild(b);
+      timelineButton(tr, c.voice_id);
       body.appendChild(tr);
     }
     $("call-count").textContent = String(calls.length);
@@ -240,11 +242,7 @@
       cell(tr, "Reason", c.reason);
       cell(tr, "Duration", duration(c.duration_s));
       cell(tr, "Worker", c.worker);
-      const td = cell(tr, "", "");
-      const b = el("button", "Timeline", "small");
-      b.type = "button";
-      b.addEventListener("click", () => showTimeline(c.voice_id));
-      td.appendChild(b);
+      timelineButton(tr, c.voice_id);
       tbody.appendChild(tr);
     }
     const first = body.total ? (page - 1) * PER_PAGE + 1 : 0;
