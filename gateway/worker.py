@@ -153,7 +153,7 @@ class Worker:
             if time.monotonic() >= sweep_at and self.config.recordings.max_age_days > 0:
                 sweep_at = time.monotonic() + 3600
                 await asyncio.to_thread(self.recording_store.sweep, self.config.recordings.max_age_days)
-            now, cpu = time.monotonic(), time.process_time()
+            now, cpu = time.monotonic(), self._call_cpu()
             then, cpu_then = self._cpu
             if now - then >= 2.0:
                 self._cpu_percent = 100.0 * (cpu - cpu_then) / (now - then)
@@ -165,6 +165,11 @@ class Worker:
                     self._workers_alive = len(await self.registry.workers())
                 except Exception:  # noqa: BLE001 - a metrics refresh must never end the loop
                     pass
+
+    def _call_cpu(self) -> float:
+        """This process's CPU seconds, less the prompt renderer's: rendering prompts (at a first start, after a
+        project's new welcome text) is a background job and must not make admission refuse calls (cpu_overload)."""
+        return time.process_time() - self.prompts.render_cpu_s
 
     def _write_pidfile(self) -> None:
         folder = self.config.data_dir / "workers"

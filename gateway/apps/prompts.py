@@ -134,6 +134,7 @@ class PromptLibrary:
         self._encoded: dict[tuple[Path, str], bytes] = {}
         self._inflight: dict[Path, asyncio.Future[None]] = {}
         self.rendered = 0  # renderings done by this process (the rest were cache hits)
+        self.render_cpu_s = 0.0  # CPU seconds the rendering thread used (espeak-ng, resampling, scipy's import)
 
     def texts(self, language: str) -> dict[str, str]:
         if language not in self._texts:
@@ -157,9 +158,13 @@ class PromptLibrary:
         return self.cache_dir / language / voice_type / f"{digest}.wav"
 
     def _tts_render(self, text: str, language: str, voice_type: str, out: Path) -> None:
-        if self._tts is None:
-            self._tts = _Tts()
-        self._tts.render(text, language, voice_type, out)
+        started = time.thread_time()
+        try:
+            if self._tts is None:
+                self._tts = _Tts()
+            self._tts.render(text, language, voice_type, out)
+        finally:  # the renderer's own thread: its CPU is a background job's, not the calls' (admission)
+            self.render_cpu_s += time.thread_time() - started
 
     async def pcm(self, key: str, language: str = "en-US", voice_type: str = "female", text: str | None = None,
                   **values: Any) -> tuple[Path, np.ndarray]:
