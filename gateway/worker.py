@@ -81,9 +81,10 @@ class Worker:
         apps: dict[str, App] = {"echo": echo, "ivr": dial_in, "room": dial_in, "api": make_api_route(services)}
         self.ua = UserAgent(config, self.cdr, self.clock, apps)
         self.connector: JanusRoomConnector | None = None
+        secrets = service_secrets(config)  # the room service's: the phones' token secret, the operator's key
         if config.room_service.embedded or config.room_service.url:  # phones into rooms: their media on Janus
             self.connector = services.connector = JanusRoomConnector(
-                config, service_secrets(config)["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
+                config, secrets["secret"], JanusSecrets.load(config).api_secret, self.ua.ports,
                 config.sip.host)  # the legs to Janus: an address of this host, never the NAT's public one
         # rooms reached through SIP media gateways instead (per DID or project: `forward_pool`)
         self.forwarders = {pool.name: SipForwardConnector(pool, self.rooms) for pool in config.forward_pools}
@@ -93,7 +94,7 @@ class Worker:
         self.ua.find_did = self._find_did
         self.notifier = Notifier(self.cdr, config.webhooks, self._webhook_key)
         self.api = VoiceApi(self.ua, self.projects, self.rooms, services, self.notifier, self.registry)
-        operator = (config.room_service.api_user, service_secrets(config)["api_key"])  # one operator credential
+        operator = (config.room_service.api_user, secrets["api_key"])  # one operator credential
         self.cpaas = CpaasApi(self.api, operator, self.voices, self.prompts.languages())
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recording_store = RecordingStore(config.data_dir, name, config.recordings.flush_s, self._soon,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hmac
 import io
 import json
 import logging
@@ -50,7 +49,7 @@ from ..cluster.supervisor import drain as drain_worker
 from ..rooms.service.links import running_service
 from ..rooms.service.security import COMMON_HEADERS
 from ..store import cdr
-from .voice import ApiError, VoiceApi, basic_credentials
+from .voice import ApiError, VoiceApi, is_operator
 
 if TYPE_CHECKING:
     from ..calls.call import Call
@@ -140,16 +139,10 @@ class Console:
 
     def _authenticate(self, header: str, source: str) -> bool:
         """The operator's api_user:api_key, else 401 (a browser prompts); failures count as the Voice API's."""
-        failures = self.voice.auth_failures
-        retry = failures.blocked(source)
-        if retry is not None:
-            raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address; "
-                           f"retry after {retry} s", retry_after=retry)
-        creds = basic_credentials(header) if header else None
-        user, key = self.operator
-        if creds is not None and key and hmac.compare_digest(creds[0].encode(), user.encode()) and \
-                hmac.compare_digest(creds[1].encode(), key.encode()):
+        self.voice.refuse_blocked(source)
+        if is_operator(header, self.operator):
             return True
+        failures = self.voice.auth_failures
         if header and failures.failed(source):
             log.event(logger, "api.auth_blocked", logging.WARNING, source=source, failures=failures.limit,
                       window_s=failures.window)

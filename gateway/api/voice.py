@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import logging
 import re
 import unicodedata
@@ -80,6 +81,14 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     if not sep or not APP_ID.fullmatch(user) or not APP_KEY.fullmatch(key):
         return None
     return user, key
+
+
+def is_operator(header: str, operator: tuple[str, str]) -> bool:
+    """The Basic header carries the operator's (user, key), compared in constant time; never for an empty key."""
+    creds = basic_credentials(header) if header else None
+    user, key = operator
+    return creds is not None and bool(key) and hmac.compare_digest(creds[0].encode(), user.encode()) and \
+        hmac.compare_digest(creds[1].encode(), key.encode())
 
 
 class ApiError(Exception):
@@ -164,14 +173,19 @@ class VoiceApi:
             r.headers["Allow"] = allow
         return r
 
-    def _authenticate(self, header: str, source: str) -> Project:
-        """The project whose app_id:app_key the Basic credentials carry. A source past its failure limit gets 429
-        whatever it sends (the right key too: otherwise the limit would not stop guessing); a missing header is not
-        a failure (clients that wait for the challenge send one), wrong or malformed credentials are."""
+    def refuse_blocked(self, source: str) -> None:
+        """429 for a source past its failed authentications, whatever credentials it sends now (every API here
+        counts in this one window)."""
         retry = self.auth_failures.blocked(source)
         if retry is not None:
             raise ApiError(429, "too_many_auth_failures", "too many failed authentications from this address; "
                            f"retry after {retry} s", retry_after=retry)
+
+    def _authenticate(self, header: str, source: str) -> Project:
+        """The project whose app_id:app_key the Basic credentials carry. A source past its failure limit gets 429
+        whatever it sends (the right key too: otherwise the limit would not stop guessing); a missing header is not
+        a failure (clients that wait for the challenge send one), wrong or malformed credentials are."""
+        self.refuse_blocked(source)
         if header:
             project = self._project(header)
             if project is not None:
