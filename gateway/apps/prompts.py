@@ -257,7 +257,7 @@ class ProjectVoices:
         if self.status(wanted) == "ready":
             self.speaking[project] = wanted
             return wanted
-        self.prepare(wanted, project)
+        self._start(wanted, project)
         return self.speaking.get(project, wanted)
 
     def status(self, voice: VoiceSet) -> str:
@@ -277,8 +277,10 @@ class ProjectVoices:
 
     def prepare(self, voice: VoiceSet, project: str = "") -> asyncio.Task[None] | None:
         """Render the set in the background (once); the task, or None when it is ready."""
-        if self.status(voice) == "ready":
-            return None
+        return None if self.status(voice) == "ready" else self._start(voice, project)
+
+    def _start(self, voice: VoiceSet, project: str) -> asyncio.Task[None]:
+        """The set's rendering task (started once; the caller knows it is not ready)."""
         task = self._jobs.get(voice)
         if task is None:
             task = self._jobs[voice] = asyncio.get_running_loop().create_task(self._render(voice, project))
